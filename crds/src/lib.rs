@@ -1,0 +1,1 @@
+//! The PetlJob API: types, defaults, validation rules, and the CRD generator.

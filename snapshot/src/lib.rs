@@ -1,0 +1,1 @@
+//! In-memory erasure-coded snapshots of training state.

@@ -1,0 +1,1 @@
+//! Test harnesses shared by the integration tests: the local Kubernetes control plane.

@@ -1,0 +1,1 @@
+//! The trainer: backbones, methods, data, optimiser, export.
