@@ -1,1 +1,73 @@
-//! In-memory erasure-coded snapshots of training state.
+//! In-memory, erasure-coded snapshots of training state: the trainer hands its state to a local
+//! agent (sidecar) that keeps a copy, spreads Reed–Solomon shards to peers and recovers in tiers.
+//!
+//! The pieces, in data-flow order: [`manifest`] (what a snapshot is and its checksums),
+//! [`client`] (the trainer's side), [`agent`] (the sidecar), [`codec`] (striped Reed–Solomon),
+//! [`placement`] (which rank holds which shard), [`protocol`] and [`auth`] (frames on the wire),
+//! [`store`] (shards and copies in memory), [`agreement`] (the generation every rank resumes from),
+//! [`durable`] (the fallback on a volume), [`metrics`].
+
+pub mod agent;
+pub mod agreement;
+pub mod auth;
+pub mod client;
+pub mod codec;
+pub mod durable;
+pub mod manifest;
+pub mod metrics;
+pub mod placement;
+pub mod protocol;
+pub mod store;
+
+pub use agent::{AgentConfig, PeerList};
+pub use agreement::{Agreement, Source};
+pub use client::{SnapshotClient, Tier};
+pub use codec::Layout;
+pub use durable::{DirStore, DurableStore};
+pub use manifest::{Dtype, NamedTensor, Snapshot};
+pub use placement::Placement;
+
+/// Every failure of this crate. Messages name the field, file or peer and, where one exists, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// k, m or the world size do not fit together.
+    #[error("layout: {0}")]
+    Layout(String),
+    /// A snapshot's manifest or part list is malformed.
+    #[error("snapshot manifest: {0}")]
+    Manifest(String),
+    /// Stored or received bytes do not match their checksum; they are never restored.
+    #[error("checksum mismatch in {part}: the bytes are corrupted and were not used")]
+    Checksum { part: String },
+    /// Reed–Solomon encode or decode failed (too few shards, wrong sizes).
+    #[error("erasure codec: {0}")]
+    Codec(String),
+    /// A frame that breaks the wire protocol (truncated, wrong version, wrong sizes).
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// A peer that is not of this job or does not know the job's secret.
+    #[error("authentication: {0}")]
+    Auth(String),
+    /// The agent answered with an error or could not be reached.
+    #[error("agent: {0}")]
+    Agent(String),
+    /// No generation can be agreed or restored.
+    #[error("recovery: {0}")]
+    Recovery(String),
+    /// The durable store failed on a path.
+    #[error("durable store {path}: {source}")]
+    Durable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bad configuration (flags, secret file).
+    #[error("config: {0}")]
+    Config(String),
+    /// A socket or file failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,254 @@
+//! An agent's memory: full copies of its own rank's snapshots and the shards it holds for
+//! other ranks, each marked pending or committed, pruned to the last two committed generations.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::protocol::{AgentStatus, ShardHeader};
+
+/// Committed generations kept per rank; the one before the newest covers a failure that
+/// strikes while the newest commits on some ranks but not yet on others.
+pub const KEEP_COMMITTED: usize = 2;
+
+/// A full encoded snapshot of this agent's own rank.
+#[derive(Clone, Debug)]
+pub struct OwnCopy {
+    pub bytes: Bytes,
+    pub committed: bool,
+}
+
+/// One shard of another rank's snapshot.
+#[derive(Clone, Debug)]
+pub struct HeldShard {
+    pub header: ShardHeader,
+    pub data: Bytes,
+    pub committed: bool,
+}
+
+/// Own copies by generation and held shards by (owner, generation).
+#[derive(Debug, Default)]
+pub struct Store {
+    own: BTreeMap<u64, OwnCopy>,
+    held: BTreeMap<(u32, u64), HeldShard>,
+}
+
+impl Store {
+    /// A new handoff from the trainer. Generations at or past it belong to a timeline the trainer
+    /// rolled back from, so they go.
+    pub fn put_own(&mut self, generation: u64, bytes: Bytes) {
+        self.own.retain(|&g, _| g < generation);
+        self.own.insert(
+            generation,
+            OwnCopy {
+                bytes,
+                committed: false,
+            },
+        );
+        prune(&mut self.own);
+    }
+
+    /// A copy rebuilt by a recovery: it was committed everywhere when it was made.
+    pub fn put_own_committed(&mut self, generation: u64, bytes: Bytes) {
+        self.own.insert(
+            generation,
+            OwnCopy {
+                bytes,
+                committed: true,
+            },
+        );
+        prune(&mut self.own);
+    }
+
+    /// Marks a generation committed; false when it was dropped meanwhile.
+    pub fn commit_own(&mut self, generation: u64) -> bool {
+        let Some(copy) = self.own.get_mut(&generation) else {
+            return false;
+        };
+        copy.committed = true;
+        prune(&mut self.own);
+        true
+    }
+
+    /// Drops own generations newer than the one every rank resumes from.
+    pub fn rollback_own(&mut self, generation: u64) {
+        self.own.retain(|&g, _| g <= generation);
+    }
+
+    pub fn own(&self, generation: u64) -> Option<&OwnCopy> {
+        self.own.get(&generation)
+    }
+
+    pub fn newest_committed_own(&self) -> Option<u64> {
+        self.own
+            .iter()
+            .rev()
+            .find(|(_, c)| c.committed)
+            .map(|(&g, _)| g)
+    }
+
+    /// The generation the commit pipeline should work on next: the newest handoff, when it is
+    /// newer than everything committed (intermediate ones are skipped, not queued).
+    pub fn next_to_commit(&self) -> Option<(u64, Bytes)> {
+        let (&g, copy) = self.own.iter().next_back()?;
+        (!copy.committed).then(|| (g, copy.bytes.clone()))
+    }
+
+    /// Stores a shard for its owner, replacing the same generation and dropping newer ones of a
+    /// timeline the owner rolled back from.
+    pub fn hold(&mut self, header: ShardHeader, data: Bytes) {
+        let owner = header.owner;
+        self.held
+            .retain(|&(o, g), _| o != owner || g < header.generation);
+        self.held.insert(
+            (owner, header.generation),
+            HeldShard {
+                header,
+                data,
+                committed: false,
+            },
+        );
+        self.prune_held(owner);
+    }
+
+    pub fn commit_held(&mut self, owner: u32, generation: u64) {
+        if let Some(shard) = self.held.get_mut(&(owner, generation)) {
+            shard.committed = true;
+            self.prune_held(owner);
+        }
+    }
+
+    pub fn rollback_held(&mut self, owner: u32, generation: u64) {
+        self.held.retain(|&(o, g), _| o != owner || g <= generation);
+    }
+
+    pub fn held(&self, owner: u32, generation: u64) -> Option<&HeldShard> {
+        self.held.get(&(owner, generation))
+    }
+
+    pub fn shards_held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// What this agent can contribute to an agreement.
+    pub fn status(&self, rank: u32) -> AgentStatus {
+        AgentStatus {
+            rank,
+            own: self.own.iter().map(|(&g, c)| (g, c.committed)).collect(),
+            held: self
+                .held
+                .iter()
+                .map(|(&(o, g), s)| (o, g, s.header.index, s.committed))
+                .collect(),
+            durable: Vec::new(),
+            settled: true,
+        }
+    }
+
+    fn prune_held(&mut self, owner: u32) {
+        let mut mine: BTreeMap<u64, bool> = self
+            .held
+            .iter()
+            .filter(|((o, _), _)| *o == owner)
+            .map(|(&(_, g), s)| (g, s.committed))
+            .collect();
+        prune(&mut mine);
+        self.held
+            .retain(|&(o, g), _| o != owner || mine.contains_key(&g));
+    }
+}
+
+/// Keeps the newest `KEEP_COMMITTED` committed generations and pending ones newer than them.
+fn prune<V: Committed>(by_generation: &mut BTreeMap<u64, V>) {
+    let committed: Vec<u64> = by_generation
+        .iter()
+        .rev()
+        .filter(|(_, v)| v.committed())
+        .map(|(&g, _)| g)
+        .collect();
+    let newest = committed.first().copied();
+    let oldest_kept = committed.get(KEEP_COMMITTED - 1).copied();
+    by_generation.retain(|&g, v| {
+        if v.committed() {
+            oldest_kept.is_none_or(|o| g >= o)
+        } else {
+            newest.is_none_or(|n| g > n)
+        }
+    });
+}
+
+trait Committed {
+    fn committed(&self) -> bool;
+}
+
+impl Committed for OwnCopy {
+    fn committed(&self) -> bool {
+        self.committed
+    }
+}
+
+impl Committed for bool {
+    fn committed(&self) -> bool {
+        *self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(owner: u32, generation: u64) -> ShardHeader {
+        ShardHeader {
+            owner,
+            generation,
+            index: 0,
+            data_shards: 2,
+            parity_shards: 1,
+            original_len: 4,
+            checksum: 0,
+        }
+    }
+
+    #[test]
+    fn keeps_the_last_two_committed_generations_and_newer_pending() {
+        let mut s = Store::default();
+        for g in 1..=4 {
+            s.put_own(g, Bytes::from_static(b"x"));
+            assert!(s.commit_own(g));
+        }
+        s.put_own(5, Bytes::from_static(b"y"));
+        let own: Vec<_> = s.status(0).own;
+        assert_eq!(own, vec![(3, true), (4, true), (5, false)]);
+        assert_eq!(s.next_to_commit().unwrap().0, 5);
+    }
+
+    #[test]
+    fn a_pending_generation_older_than_a_commit_is_dropped() {
+        let mut s = Store::default();
+        s.hold(header(1, 3), Bytes::new());
+        s.hold(header(1, 4), Bytes::new());
+        s.commit_held(1, 4);
+        assert!(s.held(1, 3).is_none());
+        assert!(s.held(1, 4).unwrap().committed);
+    }
+
+    #[test]
+    fn a_rolled_back_timeline_is_replaced() {
+        let mut s = Store::default();
+        for g in [5, 6, 7] {
+            s.hold(header(2, g), Bytes::new());
+            s.commit_held(2, g);
+        }
+        assert!(
+            s.held(2, 5).is_none(),
+            "only two committed generations are kept"
+        );
+        s.hold(header(2, 7), Bytes::from_static(b"new"));
+        assert!(!s.held(2, 7).unwrap().committed);
+        assert!(s.held(2, 6).unwrap().committed);
+        s.rollback_held(2, 6);
+        assert!(s.held(2, 7).is_none());
+        s.hold(header(2, 6), Bytes::from_static(b"newer"));
+        assert!(s.held(2, 6).is_some() && s.held(2, 7).is_none());
+    }
+}
