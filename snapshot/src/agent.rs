@@ -172,6 +172,21 @@ impl Agent {
         status
     }
 
+    /// Keeps the committed-generation watch equal to the store, also when a handoff or a
+    /// restore drops generations of an abandoned timeline.
+    fn publish_committed(&self) {
+        let newest = self
+            .store
+            .lock()
+            .expect("store lock")
+            .newest_committed_own();
+        self.committed.send_if_modified(|c| {
+            let changed = *c != newest;
+            *c = newest;
+            changed
+        });
+    }
+
     fn refresh_shard_gauge(&self) {
         let held = self.store.lock().expect("store lock").shards_held();
         self.metrics.shards_held.set(held as i64);
@@ -267,6 +282,7 @@ async fn handle_local(agent: &Arc<Agent>, msg: Message) -> Result<Message> {
                 .lock()
                 .expect("store lock")
                 .put_own(generation, snapshot.clone());
+            agent.publish_committed();
             agent.handoff.notify_one();
             write_durable(agent, generation, snapshot);
             Ok(Message::PutAck { generation })
@@ -374,7 +390,7 @@ async fn commit(agent: &Arc<Agent>, generation: u64, bytes: Bytes) -> Result<()>
     announce_commit(agent, generation).await;
     agent.metrics.generations_committed.inc();
     agent.metrics.committed_generation.set(generation as i64);
-    agent.committed.send_replace(Some(generation));
+    agent.publish_committed();
     Ok(())
 }
 
@@ -561,6 +577,7 @@ async fn restore(agent: &Arc<Agent>, generation: u64, from_tier: u8) -> Result<(
                     .lock()
                     .expect("store lock")
                     .put_own_committed(generation, bytes.clone());
+                agent.publish_committed();
                 agent.metrics.recovered(2);
                 return Ok((2, bytes));
             }
@@ -579,6 +596,7 @@ async fn restore(agent: &Arc<Agent>, generation: u64, from_tier: u8) -> Result<(
                 .lock()
                 .expect("store lock")
                 .put_own_committed(generation, bytes.clone());
+            agent.publish_committed();
             agent.metrics.recovered(3);
             return Ok((3, bytes));
         }
@@ -601,6 +619,7 @@ async fn roll_back_to(agent: &Arc<Agent>, generation: u64) {
         .lock()
         .expect("store lock")
         .rollback_own(generation);
+    agent.publish_committed();
     let notices = (0..agent.cfg.layout.total()).map(|i| {
         let holder = agent.placement.holder(agent.cfg.rank, i);
         async move {

@@ -504,6 +504,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// The underlying stream, for writing raw bytes (tests of malformed input).
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
     /// From now on every frame both ways carries a MAC under these keys.
     pub fn authenticate(&mut self, keys: LinkKeys) {
         self.keys = Some(keys);

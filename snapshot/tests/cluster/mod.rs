@@ -9,10 +9,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use petl_snapshot::{Dtype, NamedTensor, Snapshot, SnapshotClient};
+use petl_snapshot::{DirStore, Dtype, DurableStore, NamedTensor, Snapshot, SnapshotClient, Tier};
+use rand::Rng;
+use rand::rngs::StdRng;
 
 pub const JOB: &str = "job-under-test";
 pub const SECRET: &str = "a-test-secret-of-enough-length\n";
+/// Bytes of trainable state per rank: "a few MiB".
+pub const SIZE: usize = 2 << 20;
+pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -153,6 +158,22 @@ impl Cluster {
         SnapshotClient::new(self.socket(rank))
     }
 
+    pub fn durable(&self) -> DirStore {
+        DirStore::new(&self.durable_dir(), JOB).unwrap()
+    }
+
+    /// Waits until every rank has a durable checkpoint of `at_least` or newer.
+    pub fn wait_durable(&self, at_least: u64) {
+        let store = self.durable();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while (0..self.world as u32)
+            .any(|r| store.list(r).unwrap().last().is_none_or(|&g| g < at_least))
+        {
+            assert!(Instant::now() < deadline, "durable checkpoints not written");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// GET on the agent's metrics port.
     pub fn http_get(&self, rank: usize, path: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.metrics_ports[rank])).unwrap();
@@ -207,4 +228,38 @@ pub fn state(rank: usize, generation: u64, bytes: usize) -> Snapshot {
         rng_state: fill(seed ^ 4, 64),
         data_cursor: format!("rank={rank};epoch=0;offset={}", generation * 80).into_bytes(),
     }
+}
+
+/// Puts generations `from..=to` on every rank, with a random pause between them.
+pub fn write_generations(clients: &[SnapshotClient], from: u64, to: u64, rng: &mut StdRng) {
+    for generation in from..=to {
+        for (rank, client) in clients.iter().enumerate() {
+            client.put(state(rank, generation, SIZE));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..15)));
+    }
+}
+
+/// Every rank restores concurrently, as restarted trainers do.
+pub fn try_restore_all(cluster: &Cluster) -> Vec<petl_snapshot::Result<(Snapshot, Tier)>> {
+    let sockets: Vec<_> = (0..cluster.world).map(|r| cluster.socket(r)).collect();
+    let handles: Vec<_> = sockets
+        .into_iter()
+        .map(|socket| {
+            std::thread::spawn(move || {
+                SnapshotClient::new(socket).restore(TIMEOUT).and_then(|r| {
+                    r.ok_or_else(|| petl_snapshot::Error::Recovery("nothing to restore".into()))
+                })
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+pub fn restore_all(cluster: &Cluster) -> Vec<(Snapshot, Tier)> {
+    try_restore_all(cluster)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, r)| r.unwrap_or_else(|e| panic!("rank {rank}: {e}\n{}", cluster.log(rank))))
+        .collect()
 }
