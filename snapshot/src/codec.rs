@@ -103,7 +103,7 @@ pub fn encode_parity(
     stripe: usize,
 ) -> Result<Vec<Vec<u8>>> {
     let (k, m) = (layout.data_shards, layout.parity_shards);
-    if padded.len() != k * shard_len || shard_len % 2 != 0 {
+    if padded.len() != k * shard_len || !shard_len.is_multiple_of(2) {
         return Err(Error::Codec(format!(
             "buffer of {} bytes is not {k} shards of an even {shard_len} bytes",
             padded.len()
