@@ -1,0 +1,383 @@
+//! The apply and cleanup paths of a PetlJob reconcile: read the pods, let the planner decide,
+//! then carry the plan out against the API server and report it.
+
+pub mod children;
+pub mod plan;
+pub mod ranks;
+pub mod status;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use either::Either;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::Event;
+use kube::{Api, Resource, ResourceExt};
+use petl_crds::{PetlJob, PetlJobStatus};
+use serde_json::json;
+use tracing::{info, warn};
+
+use self::children::Names;
+use self::plan::{Observed, Plan, Stop};
+use self::ranks::{JOB_LABEL, RankPod, STOPPED_LABEL};
+use crate::controller::Context;
+use crate::{Error, FIELD_MANAGER, Result};
+
+/// How often a job is looked at when nothing else triggers it (a safety net, not a clock).
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Bring the job's children and status in line with its spec.
+pub async fn apply(job: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
+    let names = Names::of(&job)?;
+    let status = job.status.clone().unwrap_or_default();
+    let uid = job.uid().unwrap_or_default();
+    let client = &ctx.client;
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
+
+    let live = !status.is_finished() && !job.spec.suspend;
+    if live && status.observed_generation != job.metadata.generation {
+        if let Err(e) = ensure_children(&job, &names, ctx).await {
+            publish_invalid(&job, ctx, &e).await;
+            return Err(e);
+        }
+    }
+
+    let pods = list_rank_pods(&pods_api, &names, &uid).await?;
+    let awaiting = ctx.awaiting_ranks(&uid, &pods);
+    let plan = plan::plan(&Observed {
+        spec: &job.spec,
+        status: &status,
+        generation: job.metadata.generation,
+        created: job.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        pods: &pods,
+        awaiting_replacement: &awaiting,
+        now: Timestamp::now(),
+    });
+
+    let mut replace_now = Vec::new();
+    for stop in &plan.stop {
+        let pod = pods.iter().find(|p| p.uid == stop.uid);
+        let gone = stop_pod(&pods_api, stop, pod.is_some_and(|p| p.stopped_by_operator)).await?;
+        if stop.replace {
+            if gone {
+                replace_now.push(stop.rank);
+            } else {
+                ctx.await_replacement(&uid, stop.rank);
+            }
+        }
+    }
+    for rank in plan.create.iter().copied().chain(replace_now) {
+        create_pod(&job, &names, rank, ctx, &pods_api, &uid).await?;
+    }
+
+    write_status(&job, &status, &plan.status, ctx).await?;
+    report(&job, &uid, &plan, ctx).await;
+
+    if plan.delete_job {
+        info!(job = %names.job, namespace = %names.namespace, "ttlSecondsAfterFinished expired; deleting the PetlJob");
+        let jobs: Api<PetlJob> = Api::namespaced(client.clone(), &names.namespace);
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::background()
+        };
+        match jobs.delete(&names.job, &params).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(
+        plan.requeue_after.map_or(RESYNC, |d| d.min(RESYNC)),
+    ))
+}
+
+/// The PetlJob is being deleted: stop its workers now (the other children follow through
+/// garbage collection of their ownerReferences) and forget it.
+pub async fn cleanup(job: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
+    let uid = job.uid().unwrap_or_default();
+    let namespace = job.namespace().unwrap_or_else(|| "default".into());
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = format!("{JOB_LABEL}={}", job.name_any());
+    let pods = pods_api
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let mut stopped = 0;
+    for pod in pods
+        .items
+        .iter()
+        .filter(|p| owned_by(p, &uid))
+        .filter_map(RankPod::from_pod)
+    {
+        if pod.is_active() {
+            let stop = Stop {
+                name: pod.name.clone(),
+                uid: pod.uid.clone(),
+                rank: pod.rank,
+                reason: "Deleted".into(),
+                delete: true,
+                replace: false,
+            };
+            stop_pod(&pods_api, &stop, pod.stopped_by_operator).await?;
+            stopped += 1;
+        }
+    }
+    ctx.forget(&uid);
+    let note = format!("the PetlJob is being deleted; stopped {stopped} worker pod(s)");
+    ctx.publish(
+        &job,
+        kube::runtime::events::EventType::Normal,
+        "Deleting",
+        note,
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Server-side apply the ConfigMap and Service; create the token Secret once.
+async fn ensure_children(job: &PetlJob, names: &Names, ctx: &Context) -> Result<()> {
+    let client = &ctx.client;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let cm = children::config_map(job, names)?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &names.namespace);
+    cms.patch(&names.config_map(), &params, &Patch::Apply(&cm))
+        .await?;
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &names.namespace);
+    svcs.patch(
+        &names.service(),
+        &params,
+        &Patch::Apply(&children::service(job, names)),
+    )
+    .await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &names.namespace);
+    // Created once: a conflict means it exists, and its token must not change under the pods.
+    let post = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match secrets.create(&post, &children::secret(job, names)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The job's worker pods (by label, and owned by this incarnation of the job).
+async fn list_rank_pods(api: &Api<Pod>, names: &Names, uid: &str) -> Result<Vec<RankPod>> {
+    let selector = format!("{JOB_LABEL}={}", names.job);
+    let pods = api.list(&ListParams::default().labels(&selector)).await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| owned_by(p, uid))
+        .filter_map(RankPod::from_pod)
+        .collect())
+}
+
+fn owned_by(pod: &Pod, uid: &str) -> bool {
+    pod.owner_references()
+        .iter()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
+/// Label the pod with why it is stopped (the accounting mark), then delete it. Returns
+/// whether the pod is gone.
+async fn stop_pod(api: &Api<Pod>, stop: &Stop, already_marked: bool) -> Result<bool> {
+    if !already_marked {
+        let mark = json!({"metadata": {"labels": {STOPPED_LABEL: stop.reason}}});
+        match api
+            .patch(&stop.name, &PatchParams::default(), &Patch::Merge(&mark))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !stop.delete {
+        return Ok(false);
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(stop.uid.clone()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&stop.name, &params).await {
+        Ok(Either::Left(pod)) => {
+            Ok(pod.metadata.deletion_timestamp.is_none() && pod.finalizers().is_empty())
+        }
+        Ok(Either::Right(_)) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(true),
+        // 409: the precondition failed, a newer pod holds the name; it is not ours to stop.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn create_pod(
+    job: &PetlJob,
+    names: &Names,
+    rank: i32,
+    ctx: &Context,
+    api: &Api<Pod>,
+    uid: &str,
+) -> Result<()> {
+    let pod = match children::pod(job, names, rank, ctx.config.trainer_image.as_deref()) {
+        Ok(pod) => pod,
+        Err(e) => {
+            publish_invalid(job, ctx, &e).await;
+            return Err(e);
+        }
+    };
+    // A create, not an apply: it must fail while the rank's previous pod still terminates.
+    let post = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.create(&post, &pod).await {
+        Ok(_) => {
+            ctx.metrics.pods_created.inc();
+            ctx.replaced(uid, rank);
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            ctx.await_replacement(uid, rank);
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Write the operator's part of the status with server-side apply, only when it changed.
+async fn write_status(
+    job: &PetlJob,
+    old: &PetlJobStatus,
+    new: &PetlJobStatus,
+    ctx: &Context,
+) -> Result<()> {
+    let (old, new) = (status::owned_fields(old), status::owned_fields(new));
+    if old == new {
+        return Ok(());
+    }
+    let api: Api<PetlJob> =
+        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let patch =
+        json!({ "apiVersion": petl_crds::API_VERSION, "kind": petl_crds::KIND, "status": new });
+    api.patch_status(
+        &job.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Publish the plan's events and update metrics.
+async fn report(job: &PetlJob, uid: &str, plan: &Plan, ctx: &Context) {
+    for failure in &plan.failures {
+        ctx.metrics.worker_failed(*failure);
+    }
+    if let Some(seconds) = plan.recovery_seconds {
+        ctx.metrics.recoveries.inc();
+        ctx.metrics.recovery_duration.observe(seconds);
+    }
+    if let Some(seconds) = plan.time_to_running {
+        ctx.metrics.time_to_running.observe(seconds);
+    }
+    if let Some(phase) = plan.status.phase {
+        ctx.metrics.set_phase(uid, phase);
+    }
+    for event in &plan.events {
+        info!(job = %job.name_any(), reason = event.reason, note = %event.note, "transition");
+        ctx.publish(job, event.type_, event.reason, event.note.clone())
+            .await;
+    }
+}
+
+async fn publish_invalid(job: &PetlJob, ctx: &Context, e: &Error) {
+    if matches!(e, Error::IllegalJob { .. }) {
+        ctx.publish(
+            job,
+            kube::runtime::events::EventType::Warning,
+            "InvalidSpec",
+            e.to_string(),
+        )
+        .await;
+    }
+}
+
+impl Context {
+    /// Publish an event on `job`; failures are logged (events are best effort).
+    pub async fn publish(
+        &self,
+        job: &PetlJob,
+        type_: kube::runtime::events::EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &job.object_ref(&())).await {
+            warn!(job = %job.name_any(), error = %e, "cannot publish event");
+        }
+    }
+
+    /// Ranks stopped by the operator and not yet replaced: those in memory plus those whose
+    /// labelled pod is still terminating (which survives an operator restart).
+    fn awaiting_ranks(&self, uid: &str, pods: &[RankPod]) -> BTreeSet<i32> {
+        let mut ranks = self
+            .awaiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()
+            .unwrap_or_default();
+        ranks.extend(
+            pods.iter()
+                .filter(|p| p.deleting && p.stopped_by_operator)
+                .map(|p| p.rank),
+        );
+        ranks
+    }
+
+    fn await_replacement(&self, uid: &str, rank: i32) {
+        self.awaiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(uid.to_string())
+            .or_default()
+            .insert(rank);
+    }
+
+    fn replaced(&self, uid: &str, rank: i32) {
+        let mut awaiting = self.awaiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ranks) = awaiting.get_mut(uid) {
+            ranks.remove(&rank);
+            if ranks.is_empty() {
+                awaiting.remove(uid);
+            }
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        self.awaiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+        self.metrics.forget_job(uid);
+    }
+}
