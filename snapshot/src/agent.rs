@@ -639,45 +639,32 @@ async fn roll_back_to(agent: &Arc<Agent>, generation: u64) {
 }
 
 /// Tier 2: fetches this rank's shards from their holders, keeps the intact ones, decodes.
+/// Data shards are asked for first: when all k arrive intact no parity moves and nothing is
+/// decoded; parity is fetched only for what is missing.
 async fn rebuild_from_peers(agent: &Arc<Agent>, generation: u64) -> Result<Bytes> {
     let layout = agent.cfg.layout;
     let owner = agent.rank();
-    let fetches = (0..layout.total()).map(|i| async move {
-        let holder = agent.placement.holder(agent.cfg.rank, i);
-        if holder == agent.cfg.rank {
-            let held = agent
-                .store
-                .lock()
-                .expect("store lock")
-                .held(owner, generation)
-                .cloned();
-            return held.map(|h| (h.header, h.data));
-        }
-        let msg = Message::FetchShard {
-            owner,
-            generation,
-            index: i as u32,
-        };
-        match agent.call(holder, &msg, CALL_TIMEOUT).await {
-            Ok(Message::Shard { header, data }) => Some((header, data)),
-            _ => None,
-        }
-    });
-    let mut shards = Vec::new();
+    let mut shards: Vec<Shard> = Vec::new();
     let mut original_len = None;
-    for (header, data) in join_all(fetches).await.into_iter().flatten() {
-        let fits = header.owner == owner
-            && header.generation == generation
-            && header.data_shards as usize == layout.data_shards
-            && header.parity_shards as usize == layout.parity_shards
-            && original_len.is_none_or(|l| l == header.original_len);
-        if fits && codec::shard_checksum(&data) == header.checksum {
-            original_len = Some(header.original_len);
-            shards.push(Shard {
-                index: header.index as usize,
-                checksum: header.checksum,
-                data,
-            });
+    for wave in [0..layout.data_shards, layout.data_shards..layout.total()] {
+        if shards.len() >= layout.data_shards {
+            break;
+        }
+        let fetches = wave.map(|i| fetch_shard(agent, owner, generation, i));
+        for (header, data) in join_all(fetches).await.into_iter().flatten() {
+            let fits = header.owner == owner
+                && header.generation == generation
+                && header.data_shards as usize == layout.data_shards
+                && header.parity_shards as usize == layout.parity_shards
+                && original_len.is_none_or(|l| l == header.original_len);
+            if fits && codec::shard_checksum(&data) == header.checksum {
+                original_len = Some(header.original_len);
+                shards.push(Shard {
+                    index: header.index as usize,
+                    checksum: header.checksum,
+                    data,
+                });
+            }
         }
     }
     let original_len = original_len.ok_or_else(|| {
@@ -699,6 +686,31 @@ async fn rebuild_from_peers(agent: &Arc<Agent>, generation: u64) -> Result<Bytes
         )));
     }
     Ok(Bytes::from(bytes))
+}
+
+async fn fetch_shard(
+    agent: &Arc<Agent>,
+    owner: u32,
+    generation: u64,
+    index: usize,
+) -> Option<(ShardHeader, Bytes)> {
+    let holder = agent.placement.holder(agent.cfg.rank, index);
+    let (header, data) = if holder == agent.cfg.rank {
+        let store = agent.store.lock().expect("store lock");
+        let held = store.held(owner, generation)?;
+        (held.header, held.data.clone())
+    } else {
+        let msg = Message::FetchShard {
+            owner,
+            generation,
+            index: index as u32,
+        };
+        match agent.call(holder, &msg, CALL_TIMEOUT).await {
+            Ok(Message::Shard { header, data }) => (header, data),
+            _ => return None,
+        }
+    };
+    (header.index as usize == index).then_some((header, data))
 }
 
 // ---- the peers' side ----

@@ -84,14 +84,18 @@ impl SnapshotClient {
     /// next arrives is replaced by it (the agent only ever needs the newest).
     pub fn put(&self, snapshot: Snapshot) {
         let (lock, cv) = &*self.shared;
-        let old = {
+        let (old, idle) = {
             let mut mailbox = lock.lock().expect("mailbox lock");
             if mailbox.pending.is_some() {
                 mailbox.superseded += 1;
             }
-            mailbox.pending.replace(snapshot)
+            (mailbox.pending.replace(snapshot), !mailbox.sending)
         };
-        cv.notify_all();
+        // A busy sender looks at the mailbox when it finishes; waking it only when idle spares
+        // the step a context switch.
+        if idle {
+            cv.notify_all();
+        }
         // Freeing the replaced snapshot happens after the lock is released.
         drop(old);
     }

@@ -6,6 +6,28 @@
 //! [`placement`] (which rank holds which shard), [`protocol`] and [`auth`] (frames on the wire),
 //! [`store`] (shards and copies in memory), [`agreement`] (the generation every rank resumes from),
 //! [`durable`] (the fallback on a volume), [`metrics`].
+//!
+//! The trainer's whole use of the crate:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use petl_snapshot::{Dtype, NamedTensor, Snapshot, SnapshotClient};
+//!
+//! let client = SnapshotClient::new("/run/petl/snapshot.sock");
+//! // On start: resume from the generation all ranks agree on, if any.
+//! if let Some((snapshot, tier)) = client.restore(Duration::from_secs(60))? {
+//!     println!("resuming at step {} from {tier:?}", snapshot.step);
+//! }
+//! // Every `everySteps`: hand the trainable state over and keep training.
+//! client.put(Snapshot {
+//!     generation: 42,
+//!     step: 42,
+//!     tensors: vec![NamedTensor { name: "lora.a".into(), dtype: Dtype::F32, shape: vec![2], data: vec![0; 8] }],
+//!     rng_state: vec![1, 2, 3],
+//!     data_cursor: b"epoch=0;offset=1344".to_vec(),
+//! });
+//! # Ok::<(), petl_snapshot::Error>(())
+//! ```
 
 pub mod agent;
 pub mod agreement;
