@@ -10,8 +10,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use crate::agreement::Agreement;
 use crate::manifest::Snapshot;
 use crate::protocol::{self, Message};
@@ -274,8 +272,8 @@ fn send_loop(socket: &Path, shared: &Shared) {
 
 /// Serialises and sends one snapshot; retries a few times while the agent (re)starts.
 fn hand_over(socket: &Path, stream: &mut Option<UnixStream>, snapshot: &Snapshot) -> Result<u64> {
-    let bytes = Bytes::from(snapshot.encode()?);
-    let msg = Message::Put { snapshot: bytes };
+    let (head, parts) = snapshot.encode_parts()?;
+    let pieces: Vec<&[u8]> = std::iter::once(&head[..]).chain(parts).collect();
     let mut last = None;
     for attempt in 0..20u32 {
         if attempt > 0 {
@@ -288,7 +286,7 @@ fn hand_over(socket: &Path, stream: &mut Option<UnixStream>, snapshot: &Snapshot
                 *stream = Some(s);
             }
             let s = stream.as_mut().expect("connected");
-            protocol::send_blocking(s, &msg)?;
+            protocol::send_put_blocking(s, &pieces)?;
             match protocol::recv_blocking(s, 1 << 20)? {
                 Message::PutAck { generation } => Ok(generation),
                 Message::Error { message } => Err(Error::Agent(message)),

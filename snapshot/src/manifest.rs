@@ -132,10 +132,23 @@ impl Snapshot {
 
     /// The self-checking byte form: preamble, manifest JSON, its BLAKE3, then the parts.
     pub fn encode(&self) -> Result<Vec<u8>> {
+        let (head, parts) = self.encode_parts()?;
+        let mut out = Vec::with_capacity(head.len() + parts.iter().map(|p| p.len()).sum::<usize>());
+        out.extend_from_slice(&head);
+        for part in parts {
+            out.extend_from_slice(part);
+        }
+        Ok(out)
+    }
+
+    /// The same byte form as a head (preamble, manifest, its checksum) and the parts in place,
+    /// so a sender can write it without first copying the whole state into one buffer.
+    pub fn encode_parts(&self) -> Result<(Vec<u8>, Vec<&[u8]>)> {
         self.validate()?;
         let mut parts = Vec::with_capacity(self.tensors.len() + 2);
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(self.tensors.len() + 2);
         let mut offset = 0u64;
-        let mut add = |name: &str, kind: PartKind, data: &[u8]| {
+        let mut add = |name: &str, kind: PartKind, data: &'_ [u8]| {
             parts.push(Part {
                 name: name.to_string(),
                 kind,
@@ -151,9 +164,12 @@ impl Snapshot {
                 shape: t.shape.clone(),
             };
             add(&t.name, kind, &t.data);
+            slices.push(&t.data);
         }
         add("rng_state", PartKind::RngState, &self.rng_state);
+        slices.push(&self.rng_state);
         add("data_cursor", PartKind::DataCursor, &self.data_cursor);
+        slices.push(&self.data_cursor);
         let manifest = Manifest {
             generation: self.generation,
             step: self.step,
@@ -162,18 +178,13 @@ impl Snapshot {
         };
         let json = serde_json::to_vec(&manifest)
             .map_err(|e| Error::Manifest(format!("cannot serialise the manifest: {e}")))?;
-        let mut out = Vec::with_capacity(manifest.encoded_len(json.len()));
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT.to_le_bytes());
-        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        out.extend_from_slice(&json);
-        out.extend_from_slice(blake3::hash(&json).as_bytes());
-        for t in &self.tensors {
-            out.extend_from_slice(&t.data);
-        }
-        out.extend_from_slice(&self.rng_state);
-        out.extend_from_slice(&self.data_cursor);
-        Ok(out)
+        let mut head = Vec::with_capacity(PREAMBLE + json.len() + 32);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&FORMAT.to_le_bytes());
+        head.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        head.extend_from_slice(&json);
+        head.extend_from_slice(blake3::hash(&json).as_bytes());
+        Ok((head, slices))
     }
 
     /// Parses and verifies every checksum; corrupted bytes are an error, never a snapshot.

@@ -581,6 +581,22 @@ pub fn send_blocking(w: &mut impl Write, msg: &Message) -> Result<()> {
     Ok(())
 }
 
+/// Writes a `Put` frame whose snapshot is given in pieces (see `Snapshot::encode_parts`),
+/// without joining them into one buffer first.
+pub fn send_put_blocking(w: &mut impl Write, pieces: &[&[u8]]) -> Result<()> {
+    let len = pieces.iter().map(|p| p.len()).sum();
+    let kind = Message::Put {
+        snapshot: Bytes::new(),
+    }
+    .kind();
+    w.write_all(&make_header(kind, false, len))?;
+    for piece in pieces {
+        w.write_all(piece)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
 /// Reads one unauthenticated frame from a blocking stream.
 pub fn recv_blocking(r: &mut impl Read, max_body: usize) -> Result<Message> {
     let mut raw = [0u8; HEADER_LEN];
@@ -690,6 +706,19 @@ mod tests {
         wrong_version[4] = 99;
         let err = recv_blocking(&mut &wrong_version[..], 1 << 20).unwrap_err();
         assert!(err.to_string().contains("version 99"), "{err}");
+    }
+
+    #[test]
+    fn a_put_sent_in_pieces_reads_as_one_snapshot() {
+        let mut frame = Vec::new();
+        send_put_blocking(&mut frame, &[b"ab", b"", b"cde"]).unwrap();
+        let msg = recv_blocking(&mut &frame[..], 100).unwrap();
+        assert_eq!(
+            msg,
+            Message::Put {
+                snapshot: Bytes::from_static(b"abcde")
+            }
+        );
     }
 
     #[test]
