@@ -48,6 +48,7 @@ struct Mailbox {
     last_acked: Option<u64>,
     last_error: Option<String>,
     superseded: u64,
+    discarded: Vec<Snapshot>,
 }
 
 type Shared = Arc<(Mutex<Mailbox>, Condvar)>;
@@ -82,20 +83,20 @@ impl SnapshotClient {
     /// next arrives is replaced by it (the agent only ever needs the newest).
     pub fn put(&self, snapshot: Snapshot) {
         let (lock, cv) = &*self.shared;
-        let (old, idle) = {
+        let idle = {
             let mut mailbox = lock.lock().expect("mailbox lock");
-            if mailbox.pending.is_some() {
+            if let Some(old) = mailbox.pending.replace(snapshot) {
                 mailbox.superseded += 1;
+                // Freeing tens of MiB (munmap) is left to the sender thread, not the step.
+                mailbox.discarded.push(old);
             }
-            (mailbox.pending.replace(snapshot), !mailbox.sending)
+            !mailbox.sending
         };
         // A busy sender looks at the mailbox when it finishes; waking it only when idle spares
         // the step a context switch.
         if idle {
             cv.notify_all();
         }
-        // Freeing the replaced snapshot happens after the lock is released.
-        drop(old);
     }
 
     /// Handoffs replaced before they were sent.
@@ -241,7 +242,7 @@ fn send_loop(socket: &Path, shared: &Shared) {
     let (lock, cv) = &**shared;
     let mut stream: Option<UnixStream> = None;
     loop {
-        let snapshot = {
+        let (snapshot, discarded) = {
             let mut mailbox = lock.lock().expect("mailbox lock");
             while mailbox.pending.is_none() && !mailbox.closed {
                 mailbox = cv.wait(mailbox).expect("mailbox lock");
@@ -250,8 +251,10 @@ fn send_loop(socket: &Path, shared: &Shared) {
                 return;
             }
             mailbox.sending = true;
-            mailbox.pending.take().expect("pending")
+            let discarded = std::mem::take(&mut mailbox.discarded);
+            (mailbox.pending.take().expect("pending"), discarded)
         };
+        drop(discarded);
         let outcome = hand_over(socket, &mut stream, &snapshot);
         drop(snapshot);
         let mut mailbox = lock.lock().expect("mailbox lock");
