@@ -6,7 +6,7 @@ use std::path::Path;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::rules::{immutable_after_start, mutable_while_suspended, rule, rule_expr};
+use crate::rules::{immutable_after_start, mutable_while_suspended, rule};
 use crate::{
     DatasetSpec, Error, MethodSpec, ModelSpec, OutputSpec, PetlJobStatus, RunPolicy, SnapshotSpec,
     TrainingSpec, WorkersSpec,
@@ -53,9 +53,9 @@ pub const KIND: &str = "PetlJob";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = rule_expr(
+    validation = rule(
         "!has(self.snapshot.erasureCoding) || self.snapshot.erasureCoding.dataShards + self.snapshot.erasureCoding.parityShards <= self.workers.replicas",
-        "'spec.snapshot.erasureCoding.dataShards + parityShards (' + string(self.snapshot.erasureCoding.dataShards + self.snapshot.erasureCoding.parityShards) + ') must not exceed spec.workers.replicas (' + string(self.workers.replicas) + '); lower the shard counts or add workers'"
+        "spec.snapshot.erasureCoding.dataShards + parityShards must not exceed spec.workers.replicas; lower the shard counts or add workers"
     ),
     validation = rule(
         "self.output.format != 'peft' || self.method.type == 'lora'",
@@ -114,7 +114,9 @@ impl PetlJobSpec {
 
     /// Whether the petl operator should reconcile a job with this spec.
     pub fn is_managed_by_petl(&self) -> bool {
-        self.managed_by.as_deref().is_none_or(|m| m == MANAGED_BY_PETL)
+        self.managed_by
+            .as_deref()
+            .is_none_or(|m| m == MANAGED_BY_PETL)
     }
 }
 
@@ -186,7 +188,9 @@ spec:
         assert_eq!(spec.training.batch_size, 32);
         assert_eq!(spec.dataset.text_field, "text");
         assert_eq!(spec.dataset.validation_fraction, 0.1);
-        assert!(matches!(spec.method.config(), MethodConfig::Lora(l) if l.rank == 4 && l.alpha == 16.0));
+        assert!(
+            matches!(spec.method.config(), MethodConfig::Lora(l) if l.rank == 4 && l.alpha == 16.0)
+        );
         assert_eq!(spec.method.type_, MethodType::Lora);
         assert!(spec.is_managed_by_petl());
     }
@@ -195,7 +199,10 @@ spec:
     fn wrong_kind_is_named() {
         let err = PetlJobSpec::from_yaml("apiVersion: v1\nkind: Pod\n").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("expected apiVersion petl.dev/v1alpha1 and kind PetlJob"), "{msg}");
+        assert!(
+            msg.contains("expected apiVersion petl.dev/v1alpha1 and kind PetlJob"),
+            "{msg}"
+        );
         assert!(msg.contains("\"Pod\""), "{msg}");
     }
 
@@ -203,7 +210,10 @@ spec:
     fn misspelt_field_value_names_field_and_line() {
         let bad = MINIMAL.replace("type: lora", "type: loar");
         let msg = PetlJobSpec::from_yaml(&bad).unwrap_err().to_string();
-        assert!(msg.contains("spec.method.type") || msg.contains("loar"), "{msg}");
+        assert!(
+            msg.contains("spec.method.type") || msg.contains("loar"),
+            "{msg}"
+        );
         assert!(msg.contains("line"), "{msg}");
     }
 }

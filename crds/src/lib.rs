@@ -14,7 +14,9 @@ pub mod uri;
 pub mod workers;
 
 pub use job::{API_GROUP, API_VERSION, KIND, PetlJob, PetlJobSpec};
-pub use method::{BitFitConfig, FullConfig, LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType};
+pub use method::{
+    BitFitConfig, FullConfig, LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType,
+};
 pub use output::{OutputFormat, OutputSpec};
 pub use run_policy::{FailureAction, FailurePolicy, FailurePolicyRule, RunPolicy, exit_code};
 pub use snapshot::{DurableSpec, ErasureCoding, SnapshotSpec};
@@ -22,7 +24,7 @@ pub use source::{
     DatasetFormat, DatasetSpec, ModelDtype, ModelFormat, ModelSpec, SecretRef, Task, UnknownLabels,
 };
 pub use status::{
-    ArtifactStatus, ConditionType, LastRecovery, Phase, PetlJobStatus, ProgressStatus,
+    ArtifactStatus, ConditionType, LastRecovery, PetlJobStatus, Phase, ProgressStatus,
     RestartCounts, SnapshotStatus, WorkerCounts,
 };
 pub use training::{Optimizer, Schedule, TrainingSpec};

@@ -219,7 +219,8 @@ mod tests {
 
     #[test]
     fn partial_lora_block_fills_defaults_from_serde() {
-        let spec: MethodSpec = serde_json::from_str(r#"{"type":"lora","lora":{"rank":4}}"#).unwrap();
+        let spec: MethodSpec =
+            serde_json::from_str(r#"{"type":"lora","lora":{"rank":4}}"#).unwrap();
         let MethodConfig::Lora(lora) = spec.config() else {
             panic!("lora spec resolved to another method");
         };

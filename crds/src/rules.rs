@@ -10,7 +10,8 @@ pub const MAX_URI_LEN: usize = 2048;
 pub const SOURCE_URI_FORMS: &str = "file:///<absolute path>, pvc://<claim>/<path>, hf://<org>/<name>, s3://<bucket>/<prefix> or pypi://<package>==<version>/<path inside the wheel>";
 
 /// The URI forms an adapter or a durable snapshot may be written to.
-pub const SINK_URI_FORMS: &str = "file:///<absolute path>, pvc://<claim>/<path> or s3://<bucket>/<prefix>";
+pub const SINK_URI_FORMS: &str =
+    "file:///<absolute path>, pvc://<claim>/<path> or s3://<bucket>/<prefix>";
 
 // RE2 (API server) and the `regex` crate (client side) read these the same way;
 // `[^[:space:]]` avoids backslash escapes that would differ between CEL string layers.
@@ -18,7 +19,8 @@ const FILE_RE: &str = "file:///[^[:space:]]*";
 const PVC_RE: &str = "pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^[:space:]]*)?";
 const HF_RE: &str = "hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(/[^[:space:]]*)?";
 const S3_RE: &str = "s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^[:space:]]*)?";
-const PYPI_RE: &str = "pypi://[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?==[A-Za-z0-9][A-Za-z0-9.+!_-]*/[^[:space:]]+";
+const PYPI_RE: &str =
+    "pypi://[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?==[A-Za-z0-9][A-Za-z0-9.+!_-]*/[^[:space:]]+";
 
 /// The full-match regex for model and dataset URIs.
 pub fn source_uri_regex() -> String {

@@ -134,7 +134,10 @@ impl RunPolicy {
     /// Classify one worker failure: the trainer's exit code (None when the pod vanished or the
     /// container never ran) and the pod's conditions that are True.
     pub fn classify(&self, exit_code: Option<i32>, true_pod_conditions: &[&str]) -> FailureAction {
-        let user = self.failure_policy.iter().flat_map(|p| p.rules.iter().cloned());
+        let user = self
+            .failure_policy
+            .iter()
+            .flat_map(|p| p.rules.iter().cloned());
         user.chain(FailurePolicy::default_rules())
             .find(|rule| rule.matches(exit_code, true_pod_conditions))
             .map_or(FailureAction::Count, |rule| rule.action)
@@ -164,15 +167,25 @@ mod tests {
     #[test]
     fn default_policy_ignores_disruptions() {
         let p = RunPolicy::default();
-        assert_eq!(p.classify(Some(137), &[DISRUPTION_TARGET]), FailureAction::Ignore);
-        assert_eq!(p.classify(None, &["Ready", DISRUPTION_TARGET]), FailureAction::Ignore);
+        assert_eq!(
+            p.classify(Some(137), &[DISRUPTION_TARGET]),
+            FailureAction::Ignore
+        );
+        assert_eq!(
+            p.classify(None, &["Ready", DISRUPTION_TARGET]),
+            FailureAction::Ignore
+        );
     }
 
     #[test]
     fn default_policy_fails_fast_on_permanent_exit_codes() {
         let p = RunPolicy::default();
         for code in exit_code::PERMANENT {
-            assert_eq!(p.classify(Some(code), &[]), FailureAction::FailJob, "exit {code}");
+            assert_eq!(
+                p.classify(Some(code), &[]),
+                FailureAction::FailJob,
+                "exit {code}"
+            );
         }
     }
 
@@ -180,7 +193,10 @@ mod tests {
     fn default_policy_counts_everything_else() {
         let p = RunPolicy::default();
         assert_eq!(p.classify(Some(1), &[]), FailureAction::Count);
-        assert_eq!(p.classify(Some(exit_code::TEMP_FAIL), &[]), FailureAction::Count);
+        assert_eq!(
+            p.classify(Some(exit_code::TEMP_FAIL), &[]),
+            FailureAction::Count
+        );
         assert_eq!(p.classify(None, &[]), FailureAction::Count);
     }
 

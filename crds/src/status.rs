@@ -291,7 +291,11 @@ impl PetlJobStatus {
             observed_generation,
             last_transition_time,
         };
-        match self.conditions.iter_mut().find(|c| c.type_ == type_.as_str()) {
+        match self
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == type_.as_str())
+        {
             None => {
                 self.conditions.push(new(now));
                 true
@@ -341,13 +345,56 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut s = PetlJobStatus::default();
-        assert!(s.set_condition(ConditionType::Running, true, "PodsReady", "2/2", Some(1), at(10)));
-        assert!(!s.set_condition(ConditionType::Running, true, "PodsReady", "2/2", Some(1), at(20)));
-        assert_eq!(s.condition(ConditionType::Running).unwrap().last_transition_time, at(10));
-        assert!(s.set_condition(ConditionType::Running, true, "PodsReady", "2/2", Some(2), at(30)));
-        assert_eq!(s.condition(ConditionType::Running).unwrap().last_transition_time, at(10));
-        assert!(s.set_condition(ConditionType::Running, false, "RankLost", "1/2", Some(2), at(40)));
-        assert_eq!(s.condition(ConditionType::Running).unwrap().last_transition_time, at(40));
+        assert!(s.set_condition(
+            ConditionType::Running,
+            true,
+            "PodsReady",
+            "2/2",
+            Some(1),
+            at(10)
+        ));
+        assert!(!s.set_condition(
+            ConditionType::Running,
+            true,
+            "PodsReady",
+            "2/2",
+            Some(1),
+            at(20)
+        ));
+        assert_eq!(
+            s.condition(ConditionType::Running)
+                .unwrap()
+                .last_transition_time,
+            at(10)
+        );
+        assert!(s.set_condition(
+            ConditionType::Running,
+            true,
+            "PodsReady",
+            "2/2",
+            Some(2),
+            at(30)
+        ));
+        assert_eq!(
+            s.condition(ConditionType::Running)
+                .unwrap()
+                .last_transition_time,
+            at(10)
+        );
+        assert!(s.set_condition(
+            ConditionType::Running,
+            false,
+            "RankLost",
+            "1/2",
+            Some(2),
+            at(40)
+        ));
+        assert_eq!(
+            s.condition(ConditionType::Running)
+                .unwrap()
+                .last_transition_time,
+            at(40)
+        );
     }
 
     #[test]
@@ -358,7 +405,14 @@ mod tests {
         assert_eq!(s.derive_phase(), Phase::Running);
         s.set_condition(ConditionType::Recovering, true, "RankLost", "", None, at(2));
         assert_eq!(s.derive_phase(), Phase::Recovering);
-        s.set_condition(ConditionType::Failed, true, "BackoffLimitExceeded", "", None, at(3));
+        s.set_condition(
+            ConditionType::Failed,
+            true,
+            "BackoffLimitExceeded",
+            "",
+            None,
+            at(3),
+        );
         assert_eq!(s.derive_phase(), Phase::Failed);
         assert!(s.is_finished());
     }

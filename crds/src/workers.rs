@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use kube::KubeSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// The trainer pods, one per rank.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -22,19 +24,61 @@ pub struct WorkersSpec {
     pub image: Option<String>,
     /// CPU/memory/GPU requests and limits of the trainer container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded::<Option<ResourceRequirements>>")]
     pub resources: Option<ResourceRequirements>,
     /// Node labels a worker's node must have. Mutable only while suspended or before start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(schema_with = "bounded::<Option<BTreeMap<String, String>>>")]
     pub node_selector: Option<BTreeMap<String, String>>,
     /// Tolerations of the worker pods. Mutable only while suspended or before start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(schema_with = "bounded::<Option<Vec<Toleration>>>")]
     pub tolerations: Option<Vec<Toleration>>,
     /// PriorityClass of the worker pods. Mutable only while suspended or before start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub priority_class_name: Option<String>,
+}
+
+/// Longest string accepted inside the Kubernetes types embedded here (a prefixed label key).
+const MAX_STRING: u64 = 317;
+/// Most entries accepted in a list or map inside them.
+const MAX_ENTRIES: u64 = 64;
+
+/// `T`'s schema with every string, list and map given an upper bound, so that the transition
+/// rules comparing these fields stay inside the API server's CEL cost budget.
+fn bounded<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    let mut value = generator.subschema_for::<T>().to_value();
+    bound(&mut value);
+    Schema::try_from(value).expect("a bounded schema is still a schema")
+}
+
+fn bound(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let is = |t: &str| match map.get("type") {
+                Some(Value::String(s)) => s == t,
+                Some(Value::Array(types)) => types.iter().any(|x| x == t),
+                _ => false,
+            };
+            let (string, array, object) = (is("string"), is("array"), is("object"));
+            if string && !map.contains_key("maxLength") && !map.contains_key("enum") {
+                map.insert("maxLength".into(), MAX_STRING.into());
+            }
+            if array && !map.contains_key("maxItems") {
+                map.insert("maxItems".into(), MAX_ENTRIES.into());
+            }
+            if object
+                && map.contains_key("additionalProperties")
+                && !map.contains_key("maxProperties")
+            {
+                map.insert("maxProperties".into(), MAX_ENTRIES.into());
+            }
+            map.values_mut().for_each(bound);
+        }
+        Value::Array(items) => items.iter_mut().for_each(bound),
+        _ => {}
+    }
 }
 
 fn default_replicas() -> i32 {

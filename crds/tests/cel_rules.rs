@@ -12,7 +12,11 @@ use serde_json::{Value, json};
 fn schema() -> Value {
     let crd = PetlJob::crd();
     let version = &crd.spec.versions[0];
-    let schema = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).unwrap();
+    let schema = version
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .unwrap();
     serde_json::to_value(schema).unwrap()
 }
 
@@ -45,13 +49,20 @@ fn errors(object: &Value, old: Option<&Value>) -> Vec<String> {
 
 fn assert_refused(object: Value, old: Option<&Value>, fragment: &str) {
     let errs = errors(&object, old);
-    assert!(errs.iter().any(|e| e.contains(fragment)), "expected {fragment:?} in {errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains(fragment)),
+        "expected {fragment:?} in {errs:#?}"
+    );
 }
 
 #[test]
 fn every_rule_compiles() {
     let compiled = compile_schema(&schema());
-    let problems: Vec<String> = compiled.compilation_errors().iter().map(|e| format!("{e:?}")).collect();
+    let problems: Vec<String> = compiled
+        .compilation_errors()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect();
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -63,64 +74,129 @@ fn valid_example_passes_every_rule() {
 
 #[test]
 fn cross_field_rules_catch_their_case() {
-    assert_refused(edit(valid(), |v| v["spec"]["workers"]["replicas"] = json!(2)), None,
-        "dataShards + parityShards (3) must not exceed spec.workers.replicas (2)");
-    assert_refused(edit(valid(), |v| v["spec"]["method"]["type"] = json!("bitfit")), None,
-        "spec.method.lora may only be set when spec.method.type is lora");
-    assert_refused(edit(valid(), |v| v["spec"]["method"] = json!({"type": "lora", "lst": {}})), None,
-        "spec.method.lst may only be set when spec.method.type is lst");
-    assert_refused(edit(valid(), |v| v["spec"]["training"]["epochs"] = json!(2)), None,
-        "exactly one of epochs or maxSteps");
-    assert_refused(edit(valid(), |v| v["spec"]["training"]["warmupSteps"] = json!(10)), None,
-        "spec.training.warmupSteps (10) must be less than spec.training.maxSteps (10)");
-    assert_refused(edit(valid(), |v| v["spec"]["dataset"]["labels"] = json!([])), None,
-        "spec.dataset.labels must list the class names");
-    assert_refused(edit(valid(), |v| v["spec"]["method"]["lora"]["alpha"] = json!(0.0)), None,
-        "spec.method.lora.alpha must be greater than 0");
-    assert_refused(edit(valid(), |v| v["spec"]["training"]["learningRate"] = json!(0.0)), None,
-        "spec.training.learningRate must be greater than 0");
     assert_refused(
-        edit(valid(), |v| v["spec"]["runPolicy"] = json!({"failurePolicy": {"rules": [{"action": "Count"}]}})),
+        edit(valid(), |v| v["spec"]["workers"]["replicas"] = json!(2)),
+        None,
+        "dataShards + parityShards must not exceed spec.workers.replicas",
+    );
+    assert_refused(
+        edit(valid(), |v| v["spec"]["method"]["type"] = json!("bitfit")),
+        None,
+        "spec.method.lora may only be set when spec.method.type is lora",
+    );
+    assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["method"] = json!({"type": "lora", "lst": {}})
+        }),
+        None,
+        "spec.method.lst may only be set when spec.method.type is lst",
+    );
+    assert_refused(
+        edit(valid(), |v| v["spec"]["training"]["epochs"] = json!(2)),
+        None,
+        "exactly one of epochs or maxSteps",
+    );
+    assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["training"]["warmupSteps"] = json!(10)
+        }),
+        None,
+        "spec.training.warmupSteps must be less than spec.training.maxSteps",
+    );
+    assert_refused(
+        edit(valid(), |v| v["spec"]["dataset"]["labels"] = json!([])),
+        None,
+        "spec.dataset.labels must list the class names",
+    );
+    assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["method"]["lora"]["alpha"] = json!(0.0)
+        }),
+        None,
+        "spec.method.lora.alpha must be greater than 0",
+    );
+    assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["training"]["learningRate"] = json!(0.0)
+        }),
+        None,
+        "spec.training.learningRate must be greater than 0",
+    );
+    assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["runPolicy"] = json!({"failurePolicy": {"rules": [{"action": "Count"}]}})
+        }),
         None,
         "exactly one of onExitCodes or onPodConditions",
     );
-    assert_refused(edit(valid(), |v| {
-        v["spec"]["method"] = json!({"type": "bitfit"});
-        v["spec"]["output"]["format"] = json!("peft");
-    }), None, "spec.output.format peft is only valid");
+    assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["method"] = json!({"type": "bitfit"});
+            v["spec"]["output"]["format"] = json!("peft");
+        }),
+        None,
+        "spec.output.format peft is only valid",
+    );
 }
 
 #[test]
 fn uri_rules_agree_with_the_rust_parser() {
     let uris = [
-        "file:///models/x", "file://relative", "pvc://claim/p", "pvc://Claim/p", "hf://org/name",
-        "hf://name-only", "s3://bucket/key", "s3://b", "pypi://pkg==1.0/path", "pypi://pkg/path",
-        "http://host/x", "models/x", "file:///with space",
+        "file:///models/x",
+        "file://relative",
+        "pvc://claim/p",
+        "pvc://Claim/p",
+        "hf://org/name",
+        "hf://name-only",
+        "s3://bucket/key",
+        "s3://b",
+        "pypi://pkg==1.0/path",
+        "pypi://pkg/path",
+        "http://host/x",
+        "models/x",
+        "file:///with space",
     ];
     for uri in uris {
-        let by_cel = errors(&edit(valid(), |v| v["spec"]["model"]["uri"] = json!(uri)), None).is_empty();
+        let by_cel = errors(
+            &edit(valid(), |v| v["spec"]["model"]["uri"] = json!(uri)),
+            None,
+        )
+        .is_empty();
         let by_rust = StorageUri::parse_source("spec.model.uri", uri).is_ok();
-        assert_eq!(by_cel, by_rust, "{uri}: CEL says {by_cel}, Rust says {by_rust}");
-        let sink_by_cel = errors(&edit(valid(), |v| v["spec"]["output"]["uri"] = json!(uri)), None).is_empty();
+        assert_eq!(
+            by_cel, by_rust,
+            "{uri}: CEL says {by_cel}, Rust says {by_rust}"
+        );
+        let sink_by_cel = errors(
+            &edit(valid(), |v| v["spec"]["output"]["uri"] = json!(uri)),
+            None,
+        )
+        .is_empty();
         let sink_by_rust = StorageUri::parse_sink("spec.output.uri", uri).is_ok();
         assert_eq!(sink_by_cel, sink_by_rust, "{uri} as a sink");
     }
 }
 
 fn started(v: Value) -> Value {
-    edit(v, |v| v["status"] = json!({"startTime": "2026-01-01T00:00:00Z"}))
+    edit(v, |v| {
+        v["status"] = json!({"startTime": "2026-01-01T00:00:00Z"})
+    })
 }
 
 #[test]
 fn started_jobs_keep_their_training_fields() {
     let old = started(valid());
     assert_refused(
-        started(edit(valid(), |v| v["spec"]["method"]["lora"]["rank"] = json!(4))),
+        started(edit(valid(), |v| {
+            v["spec"]["method"]["lora"]["rank"] = json!(4)
+        })),
         Some(&old),
         "spec.method is immutable once the job has started",
     );
     assert_refused(
-        started(edit(valid(), |v| v["spec"]["workers"]["image"] = json!("img"))),
+        started(edit(valid(), |v| {
+            v["spec"]["workers"]["image"] = json!("img")
+        })),
         Some(&old),
         "spec.workers.image is immutable once the job has started",
     );
@@ -132,15 +208,26 @@ fn started_jobs_keep_their_training_fields() {
 #[test]
 fn placement_moves_only_while_suspended() {
     let old = started(valid());
-    let moved = started(edit(valid(), |v| v["spec"]["workers"]["nodeSelector"] = json!({"pool": "a"})));
-    assert_refused(moved.clone(), Some(&old), "spec.workers.nodeSelector may change only while");
+    let moved = started(edit(valid(), |v| {
+        v["spec"]["workers"]["nodeSelector"] = json!({"pool": "a"})
+    }));
+    assert_refused(
+        moved.clone(),
+        Some(&old),
+        "spec.workers.nodeSelector may change only while",
+    );
     let suspended_and_moved = edit(moved, |v| v["spec"]["suspend"] = json!(true));
-    assert_eq!(errors(&suspended_and_moved, Some(&old)), Vec::<String>::new());
+    assert_eq!(
+        errors(&suspended_and_moved, Some(&old)),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
 fn managed_by_cannot_be_added_or_changed() {
-    let with = edit(valid(), |v| v["spec"]["managedBy"] = json!("kueue.x-k8s.io/multikueue"));
+    let with = edit(valid(), |v| {
+        v["spec"]["managedBy"] = json!("kueue.x-k8s.io/multikueue")
+    });
     assert_refused(with.clone(), Some(&valid()), "spec.managedBy is immutable");
     assert_refused(valid(), Some(&with), "spec.managedBy is immutable");
     assert_eq!(errors(&with, Some(&with)), Vec::<String>::new());

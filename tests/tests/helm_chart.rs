@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use kube::Api;
 use kube::api::PostParams;
 use petl_tests::{ControlPlane, repo_root};
@@ -30,20 +32,40 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
     let chart = chart.to_str().expect("utf-8 repo path");
 
     let lint = cp.helm(&["lint", "--strict", chart]).await.unwrap();
-    assert!(stdout(&lint).contains("1 chart(s) linted, 0 chart(s) failed"), "{}", stdout(&lint));
+    assert!(
+        stdout(&lint).contains("1 chart(s) linted, 0 chart(s) failed"),
+        "{}",
+        stdout(&lint)
+    );
     let bad = cp.helm(&["lint", chart, "--set", "logFormat=xml"]).await;
     assert!(bad.is_err(), "values.schema.json must refuse logFormat=xml");
 
     let ns = cp.create_namespace("helm-chart").await.unwrap();
     let rendered = cp
-        .helm(&["template", "petl", chart, "--namespace", &ns, "--include-crds"])
+        .helm(&[
+            "template",
+            "petl",
+            chart,
+            "--namespace",
+            &ns,
+            "--include-crds",
+        ])
         .await
         .unwrap();
     let manifests = cp.dir().join("rendered.yaml");
     std::fs::write(&manifests, stdout(&rendered)).unwrap();
     let manifests = manifests.to_str().unwrap();
     let applied = cp
-        .kubectl(&["apply", "--server-side", "--field-manager", "helm-test", "-n", &ns, "-f", manifests])
+        .kubectl(&[
+            "apply",
+            "--server-side",
+            "--field-manager",
+            "helm-test",
+            "-n",
+            &ns,
+            "-f",
+            manifests,
+        ])
         .await
         .unwrap_or_else(|e| panic!("rendered chart refused by the API server: {e}"));
     let applied = stdout(&applied);
@@ -69,26 +91,53 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
     let pod = spec.template.spec.unwrap();
     let container = &pod.containers[0];
     let args = container.args.clone().unwrap_or_default();
-    assert_eq!(args, ["--leader-elect", "--metrics-addr", "0.0.0.0:8080", "--log-format", "json"]);
+    assert_eq!(
+        args,
+        [
+            "--leader-elect",
+            "--metrics-addr",
+            "0.0.0.0:8080",
+            "--log-format",
+            "json"
+        ]
+    );
     let security = container.security_context.clone().unwrap();
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.run_as_non_root, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
-    assert_eq!(security.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(
+        security.capabilities.unwrap().drop,
+        Some(vec!["ALL".to_string()])
+    );
     assert_eq!(security.seccomp_profile.unwrap().type_, "RuntimeDefault");
     let env: Vec<_> = container.env.clone().unwrap_or_default();
     let from_field = |name: &str| {
-        env.iter()
-            .find(|e| e.name == name)
-            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref().map(|f| f.field_path.clone()))
+        env.iter().find(|e| e.name == name).and_then(|e| {
+            e.value_from
+                .as_ref()?
+                .field_ref
+                .as_ref()
+                .map(|f| f.field_path.clone())
+        })
     };
     assert_eq!(from_field("POD_NAME").as_deref(), Some("metadata.name"));
-    assert_eq!(from_field("POD_NAMESPACE").as_deref(), Some("metadata.namespace"));
+    assert_eq!(
+        from_field("POD_NAMESPACE").as_deref(),
+        Some("metadata.namespace")
+    );
     let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
-        p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone())
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
     };
-    assert_eq!(probe_path(&container.liveness_probe).as_deref(), Some("/healthz"));
-    assert_eq!(probe_path(&container.readiness_probe).as_deref(), Some("/readyz"));
+    assert_eq!(
+        probe_path(&container.liveness_probe).as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        probe_path(&container.readiness_probe).as_deref(),
+        Some("/readyz")
+    );
 
     // Least privilege, checked by the API server's own authorizer.
     let account = format!("system:serviceaccount:{ns}:petl-petl-operator");
@@ -98,7 +147,9 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
         let account = account.clone();
         let ns = ns.clone();
         async move {
-            let (resource, subresource) = resource.split_once('/').map_or((resource, None), |(r, s)| (r, Some(s)));
+            let (resource, subresource) = resource
+                .split_once('/')
+                .map_or((resource, None), |(r, s)| (r, Some(s)));
             let (resource, group) = resource.split_once('.').unwrap_or((resource, ""));
             let review = SubjectAccessReview {
                 spec: SubjectAccessReviewSpec {
@@ -120,8 +171,14 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
                 },
                 ..SubjectAccessReview::default()
             };
-            let reviewed = reviews.create(&PostParams::default(), &review).await.unwrap();
-            reviewed.status.expect("a reviewed access review has a status").allowed
+            let reviewed = reviews
+                .create(&PostParams::default(), &review)
+                .await
+                .unwrap();
+            reviewed
+                .status
+                .expect("a reviewed access review has a status")
+                .allowed
         }
     };
     let elsewhere = "default".to_string();
@@ -136,7 +193,10 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
         ("create", "secrets"),
         ("create", "events.events.k8s.io"),
     ] {
-        assert!(can(verb, resource, elsewhere.clone()).await, "operator cannot {verb} {resource}");
+        assert!(
+            can(verb, resource, elsewhere.clone()).await,
+            "operator cannot {verb} {resource}"
+        );
     }
     for (verb, resource) in [
         ("list", "secrets"),
@@ -146,9 +206,15 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
         ("delete", "nodes"),
         ("create", "leases.coordination.k8s.io"),
     ] {
-        assert!(!can(verb, resource, elsewhere.clone()).await, "operator may {verb} {resource}");
+        assert!(
+            !can(verb, resource, elsewhere.clone()).await,
+            "operator may {verb} {resource}"
+        );
     }
-    assert!(can("create", "leases.coordination.k8s.io", ns.clone()).await, "no leader-election lease in its namespace");
+    assert!(
+        can("create", "leases.coordination.k8s.io", ns.clone()).await,
+        "no leader-election lease in its namespace"
+    );
     assert!(can("update", "leases.coordination.k8s.io", ns.clone()).await);
 }
 
@@ -159,8 +225,17 @@ async fn chart_renders_service_monitor_and_text_logs_on_request() {
     let chart = chart.to_str().expect("utf-8 repo path");
     let rendered = cp
         .helm(&[
-            "template", "petl", chart, "--set", "serviceMonitor.enabled=true", "--set", "logFormat=text",
-            "--set", "leaderElection.enabled=false", "--set", "replicas=1",
+            "template",
+            "petl",
+            chart,
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "logFormat=text",
+            "--set",
+            "leaderElection.enabled=false",
+            "--set",
+            "replicas=1",
         ])
         .await
         .unwrap();
@@ -170,5 +245,8 @@ async fn chart_renders_service_monitor_and_text_logs_on_request() {
     assert!(!text.contains("--leader-elect"), "{text}");
     assert!(!text.contains("kind: Role\n"), "{text}");
     let default = stdout(&cp.helm(&["template", "petl", chart]).await.unwrap());
-    assert!(!default.contains("kind: ServiceMonitor"), "ServiceMonitor must be off by default");
+    assert!(
+        !default.contains("kind: ServiceMonitor"),
+        "ServiceMonitor must be off by default"
+    );
 }
