@@ -53,11 +53,6 @@ pub fn rule(expr: &str, message: &str) -> Rule {
     Rule::new(expr).message(message)
 }
 
-/// A rule whose message is computed by a CEL expression (to quote the offending values).
-pub fn rule_expr(expr: &str, message_expression: &str) -> Rule {
-    Rule::new(expr).message(Message::Expression(message_expression.into()))
-}
-
 /// CEL that is true once the operator has started the job (created its first pods).
 const STARTED: &str = "has(oldSelf.status) && has(oldSelf.status.startTime)";
 

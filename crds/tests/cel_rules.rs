@@ -1,11 +1,11 @@
-//! The CRD's CEL rules evaluated client-side (kube-cel) against the generated schema: each rule
-//! compiles, passes the valid example and catches the case it exists for. The API server is the
+//! The CRD's CEL rules evaluated client-side (kube-cel) against the generated schema: the valid
+//! example passes every rule and each rule catches the case it exists for. The API server is the
 //! authority (tests/tests/crd_validation.rs); this is the fast loop while editing rules:
 //! `cargo test -p petl-crds --features cel --test cel_rules`.
 #![cfg(feature = "cel")]
 
 use kube::CustomResourceExt;
-use kube::core::cel::{Validator, compile_schema};
+use kube::core::cel::Validator;
 use petl_crds::{PetlJob, StorageUri};
 use serde_json::{Value, json};
 
@@ -53,17 +53,6 @@ fn assert_refused(object: Value, old: Option<&Value>, fragment: &str) {
         errs.iter().any(|e| e.contains(fragment)),
         "expected {fragment:?} in {errs:#?}"
     );
-}
-
-#[test]
-fn every_rule_compiles() {
-    let compiled = compile_schema(&schema());
-    let problems: Vec<String> = compiled
-        .compilation_errors()
-        .iter()
-        .map(|e| format!("{e:?}"))
-        .collect();
-    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 #[test]
