@@ -1,0 +1,97 @@
+//! Where the control-plane binaries live, and building them on first use.
+//! The build itself is `scripts/setup/k8s.sh`; this module only finds or runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{Error, IoContext, Result};
+
+/// Kubernetes release the harness runs; must match `K8S_VERSION` in `scripts/setup/k8s.sh`.
+pub const KUBERNETES_VERSION: &str = "1.36.3";
+/// Helm release; must match `HELM_VERSION` in `scripts/setup/k8s.sh`.
+pub const HELM_VERSION: &str = "3.22.0";
+
+/// Root of every cache the project keeps: `$PETL_CACHE`, else `~/.cache/petl`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PETL_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/petl")
+}
+
+/// The setup script that builds the binaries, found from this crate's source tree.
+pub fn setup_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup/k8s.sh")
+}
+
+/// Absolute paths of the executables the harness runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub etcd: PathBuf,
+    pub kube_apiserver: PathBuf,
+    pub kube_controller_manager: PathBuf,
+    pub kubectl: PathBuf,
+    pub helm: PathBuf,
+}
+
+impl Binaries {
+    /// Where `scripts/setup/k8s.sh` puts them (they may not exist yet).
+    pub fn cached() -> Self {
+        let k8s = cache_dir().join(format!("k8s-v{KUBERNETES_VERSION}/bin"));
+        let helm = cache_dir().join(format!("helm-v{HELM_VERSION}/bin"));
+        Self {
+            etcd: k8s.join("etcd"),
+            kube_apiserver: k8s.join("kube-apiserver"),
+            kube_controller_manager: k8s.join("kube-controller-manager"),
+            kubectl: k8s.join("kubectl"),
+            helm: helm.join("helm"),
+        }
+    }
+
+    fn all(&self) -> [&Path; 5] {
+        [
+            &self.etcd,
+            &self.kube_apiserver,
+            &self.kube_controller_manager,
+            &self.kubectl,
+            &self.helm,
+        ]
+    }
+
+    pub fn missing(&self) -> Vec<&Path> {
+        self.all().into_iter().filter(|p| !p.is_file()).collect()
+    }
+
+    /// The cached binaries, building them first when any is missing. The script
+    /// takes a file lock, so test binaries that start at once build only once.
+    /// Blocking: a cold build takes tens of minutes on two cores.
+    pub fn ensure() -> Result<Self> {
+        let binaries = Self::cached();
+        if binaries.missing().is_empty() {
+            return Ok(binaries);
+        }
+        let script = setup_script();
+        eprintln!(
+            "petl-tests: control-plane binaries missing ({}); running {} (first run builds from the Go module proxy)",
+            binaries
+                .missing()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            script.display()
+        );
+        let status = Command::new("bash")
+            .arg(&script)
+            .status()
+            .context(|| format!("running {}", script.display()))?;
+        if !status.success() || !binaries.missing().is_empty() {
+            return Err(Error::Setup {
+                script,
+                status: status.to_string(),
+            });
+        }
+        Ok(binaries)
+    }
+}

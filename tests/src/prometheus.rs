@@ -1,0 +1,260 @@
+//! A real Prometheus server (Debian's package) scraping given targets every second,
+//! on a free loopback port with throwaway storage, queried through its HTTP API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tempfile::TempDir;
+
+use crate::error::{Error, IoContext, Result};
+use crate::process::{Spawner, Supervised, free_port};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(200);
+/// The `job` label every scraped series carries.
+pub const JOB: &str = "petl";
+
+/// One element of an instant-query result: the series' labels and its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A running Prometheus; killed, and its storage removed, on drop.
+pub struct Prometheus {
+    process: Supervised,
+    _spawner: Spawner,
+    port: u16,
+    http: reqwest::Client,
+    dir: TempDir,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `targets` (`/metrics` over HTTP, every 1s, job
+    /// [`JOB`]) and waits until it is ready. Installs the Debian package with
+    /// `scripts/setup/prometheus.sh` when the binary is missing.
+    pub async fn start(targets: &[SocketAddr]) -> Result<Self> {
+        let binary = tokio::task::spawn_blocking(ensure_binary)
+            .await
+            .map_err(|e| Error::Io {
+                what: "installing prometheus".into(),
+                source: std::io::Error::other(e),
+            })??;
+        let dir = tempfile::Builder::new()
+            .prefix("petl-prometheus-")
+            .tempdir()
+            .context(|| "creating a temp dir for prometheus".to_string())?;
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(&config, config_yaml(targets))
+            .context(|| format!("writing {}", config.display()))?;
+        let port = free_port()?;
+        let spawner = Spawner::new()?;
+        let process = spawner.spawn(
+            "prometheus",
+            &binary,
+            &[
+                format!("--config.file={}", config.display()),
+                format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+                "--storage.tsdb.retention.time=1h".into(),
+                "--log.level=warn".into(),
+            ],
+            &dir.path().join("prometheus.log"),
+        )?;
+        let mut prometheus = Self {
+            process,
+            _spawner: spawner,
+            port,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            dir,
+        };
+        prometheus.wait_ready().await?;
+        Ok(prometheus)
+    }
+
+    /// Base URL of the HTTP API, e.g. `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The temp dir holding the config, storage and `prometheus.log`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs an instant query; a scalar result comes back as one unlabelled sample.
+    pub async fn query(&self, promql: &str) -> Result<Vec<Sample>> {
+        let response: QueryResponse = self
+            .http
+            .get(format!("{}/api/v1/query", self.url()))
+            .query(&[("query", promql)])
+            .send()
+            .await?
+            .json()
+            .await?;
+        let failed = |message: String| Error::Query {
+            query: promql.to_string(),
+            message,
+        };
+        if response.status != "success" {
+            return Err(failed(format!(
+                "{}: {}",
+                response.error_type.unwrap_or_default(),
+                response.error.unwrap_or_default()
+            )));
+        }
+        let data = response
+            .data
+            .ok_or_else(|| failed("response has no data".into()))?;
+        match data.result_type.as_str() {
+            "vector" => {
+                let series: Vec<VectorSample> =
+                    serde_json::from_value(data.result).map_err(|e| failed(e.to_string()))?;
+                series
+                    .into_iter()
+                    .map(|s| Ok(Sample {
+                        labels: s.metric,
+                        value: parse_value(&s.value.1).map_err(&failed)?,
+                    }))
+                    .collect()
+            }
+            "scalar" => {
+                let (_, value): (f64, String) =
+                    serde_json::from_value(data.result).map_err(|e| failed(e.to_string()))?;
+                Ok(vec![Sample {
+                    labels: BTreeMap::new(),
+                    value: parse_value(&value).map_err(&failed)?,
+                }])
+            }
+            other => Err(failed(format!(
+                "result type {other} is not supported; ask for an instant vector or scalar"
+            ))),
+        }
+    }
+
+    /// Repeats `promql` until it returns at least one sample, or fails after `timeout`.
+    pub async fn wait_for(&self, promql: &str, timeout: Duration) -> Result<Vec<Sample>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let samples = self.query(promql).await?;
+            if !samples.is_empty() {
+                return Ok(samples);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!("PromQL {promql:?} returning a sample"),
+                    seconds: timeout.as_secs(),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            self.process.ensure_running()?;
+            let ready = self
+                .http
+                .get(format!("{}/-/ready", self.url()))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                return Ok(());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                return Err(Error::NotReady {
+                    component: "prometheus".into(),
+                    seconds: READY_TIMEOUT.as_secs(),
+                    log_tail: self.process.log_tail(40),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+fn config_yaml(targets: &[SocketAddr]) -> String {
+    let config = serde_json::json!({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{
+            "job_name": JOB,
+            "static_configs": [{
+                "targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            }],
+        }],
+    });
+    // JSON is YAML; Prometheus reads it as is.
+    config.to_string()
+}
+
+fn parse_value(text: &str) -> std::result::Result<f64, String> {
+    // Prometheus spells special values as Go does.
+    match text {
+        "NaN" => Ok(f64::NAN),
+        "+Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        _ => text
+            .parse()
+            .map_err(|e| format!("sample value {text:?}: {e}")),
+    }
+}
+
+fn ensure_binary() -> Result<PathBuf> {
+    if let Some(found) = find_on_path("prometheus") {
+        return Ok(found);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup/prometheus.sh");
+    eprintln!(
+        "petl-tests: prometheus not found; running {}",
+        script.display()
+    );
+    let status = Command::new("bash")
+        .arg(&script)
+        .status()
+        .context(|| format!("running {}", script.display()))?;
+    match find_on_path("prometheus") {
+        Some(found) if status.success() => Ok(found),
+        _ => Err(Error::Setup {
+            script,
+            status: status.to_string(),
+        }),
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+#[derive(Deserialize)]
+struct QueryResponse {
+    status: String,
+    data: Option<QueryData>,
+    #[serde(rename = "errorType")]
+    error_type: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct QueryData {
+    #[serde(rename = "resultType")]
+    result_type: String,
+    result: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct VectorSample {
+    metric: BTreeMap<String, String>,
+    value: (f64, String),
+}
