@@ -505,6 +505,11 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
         .kubectl(&["get", "pj", "shown", "-n", &ns])
         .await
         .unwrap();
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
     let table = String::from_utf8_lossy(&get.stdout);
     let header: Vec<&str> = table
         .lines()
@@ -558,6 +563,11 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
         .kubectl(&["explain", "petljob.spec.method.lora.rank"])
         .await
         .unwrap();
+    assert!(
+        explain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
     let text = String::from_utf8_lossy(&explain.stdout);
     assert!(text.contains("Rank r of the update B·A"), "{text}");
     assert!(text.contains("integer"), "{text}");

@@ -15,7 +15,15 @@ fn chart() -> PathBuf {
     repo_root().join("charts/petl-operator")
 }
 
+/// The stdout of a command that must have succeeded.
 fn stdout(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "command failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -37,8 +45,17 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
         "{}",
         stdout(&lint)
     );
-    let bad = cp.helm(&["lint", chart, "--set", "logFormat=xml"]).await;
-    assert!(bad.is_err(), "values.schema.json must refuse logFormat=xml");
+    let bad = cp
+        .helm(&["lint", chart, "--set", "logFormat=xml"])
+        .await
+        .unwrap();
+    let complaint =
+        String::from_utf8_lossy(&bad.stdout).into_owned() + &String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success(),
+        "values.schema.json must refuse logFormat=xml"
+    );
+    assert!(complaint.contains("logFormat"), "{complaint}");
 
     let ns = cp.create_namespace("helm-chart").await.unwrap();
     let rendered = cp
