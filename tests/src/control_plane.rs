@@ -444,7 +444,10 @@ fn apiserver_args(pki: &Pki, etcd_port: u16, api_port: u16) -> Vec<String> {
         format!("--tls-cert-file={}", pki.serving_cert.display()),
         format!("--tls-private-key-file={}", pki.serving_key.display()),
         format!("--client-ca-file={}", pki.ca_cert.display()),
-        format!("--service-account-key-file={sa_key}"),
+        format!(
+            "--service-account-key-file={}",
+            pki.service_account_public_key.display()
+        ),
         format!("--service-account-signing-key-file={sa_key}"),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         format!("--service-cluster-ip-range={SERVICE_CIDR}"),

@@ -23,6 +23,9 @@ pub(crate) struct Pki {
     /// Signs service-account tokens (API server) and token secrets (controller manager);
     /// the API server derives the verifying public key from the same file.
     pub(crate) service_account_key: PathBuf,
+    /// The public half of `service_account_key` (PKIX): the API server's verifying key file
+    /// reads no PKCS#8 private keys.
+    pub(crate) service_account_public_key: PathBuf,
 }
 
 /// Names under which in-cluster clients reach the API server, plus loopback.
@@ -71,7 +74,9 @@ impl Pki {
             &[],
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
-        let service_account_key = KeyPair::generate()?.serialize_pem();
+        let service_account = KeyPair::generate()?;
+        let service_account_key = service_account.serialize_pem();
+        let service_account_public_key = service_account.public_key_pem();
         Ok(Self {
             ca_cert,
             serving_cert: write("apiserver.crt", serving_cert)?,
@@ -81,6 +86,7 @@ impl Pki {
             controller_manager_cert: write("kube-controller-manager.crt", kcm_cert)?,
             controller_manager_key: write("kube-controller-manager.key", kcm_key)?,
             service_account_key: write("service-account.key", service_account_key)?,
+            service_account_public_key: write("service-account.pub", service_account_public_key)?,
         })
     }
 }
