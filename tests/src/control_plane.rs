@@ -477,7 +477,10 @@ fn controller_manager_args(
             pki.service_account_key.display()
         ),
         format!("--root-ca-file={}", pki.ca_cert.display()),
-        "--use-service-account-credentials=false".into(),
+        // Each controller acts as its own service account with its bootstrap
+        // RBAC role (as kubeadm sets it up); the manager's own identity may not
+        // list and delete arbitrary objects, so the garbage collector needs this.
+        "--use-service-account-credentials=true".into(),
         "--bind-address=127.0.0.1".into(),
         format!("--secure-port={port}"),
         format!("--cert-dir={}", dir.join("kcm-serving").display()),
