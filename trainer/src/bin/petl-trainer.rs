@@ -1,0 +1,9 @@
+//! `petl-trainer train --config <job.yaml>`: one rank of a PetlJob, as worker pods run it.
+//! The counting allocator makes the peak-memory numbers in logs, metrics and manifest real.
+
+#[global_allocator]
+static ALLOCATOR: petl_trainer::memory::CountingAllocator = petl_trainer::memory::CountingAllocator;
+
+fn main() -> std::process::ExitCode {
+    petl_trainer::cli::trainer_main()
+}

@@ -1,0 +1,9 @@
+//! `petl run <job.yaml>`: runs a PetlJob on this machine without Kubernetes.
+//! The counting allocator makes the peak-memory numbers in logs, metrics and manifest real.
+
+#[global_allocator]
+static ALLOCATOR: petl_trainer::memory::CountingAllocator = petl_trainer::memory::CountingAllocator;
+
+fn main() -> std::process::ExitCode {
+    petl_trainer::cli::petl_main()
+}

@@ -1,0 +1,273 @@
+//! Cuts examples into batches: a seeded shuffle per epoch, one shard per rank, and padding to
+//! the longest sequence of each batch.
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+use super::{Example, Task};
+use crate::Result;
+
+/// Causal-LM label positions that carry no loss (padding) hold this value.
+pub const IGNORE_INDEX: u32 = u32::MAX;
+
+/// A padded batch.
+///
+/// - `input_ids`: (B, T) u32, padded with the tokenizer's pad id;
+/// - `attention_mask`: (B, T) u32, 1 for a real token, 0 for padding;
+/// - `labels`: (B,) u32 class indices for sequence classification; for causal LM (B, T) u32
+///   equal to `input_ids` (not shifted: the loss predicts position t+1 from t) with
+///   [`IGNORE_INDEX`] at padding positions.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub labels: Tensor,
+}
+
+impl Batch {
+    /// The number of sequences in the batch.
+    pub fn len(&self) -> usize {
+        self.input_ids.dims().first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pads `examples` to the longest one and stacks them.
+    pub fn pad(examples: &[&Example], task: Task, pad_id: u32, device: &Device) -> Result<Self> {
+        let rows = examples.len();
+        let width = examples
+            .iter()
+            .map(|e| e.ids.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut ids = Vec::with_capacity(rows * width);
+        let mut mask = Vec::with_capacity(rows * width);
+        let mut token_labels = Vec::with_capacity(rows * width);
+        for example in examples {
+            let padding = width - example.ids.len();
+            ids.extend_from_slice(&example.ids);
+            ids.extend(std::iter::repeat_n(pad_id, padding));
+            mask.extend(std::iter::repeat_n(1u32, example.ids.len()));
+            mask.extend(std::iter::repeat_n(0u32, padding));
+            if task == Task::CausalLm {
+                token_labels.extend_from_slice(&example.ids);
+                token_labels.extend(std::iter::repeat_n(IGNORE_INDEX, padding));
+            }
+        }
+        let labels = match task {
+            Task::SequenceClassification => {
+                let labels: Vec<u32> = examples.iter().map(|e| e.label).collect();
+                Tensor::from_vec(labels, rows, device)?
+            }
+            Task::CausalLm => Tensor::from_vec(token_labels, (rows, width), device)?,
+        };
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (rows, width), device)?,
+            attention_mask: Tensor::from_vec(mask, (rows, width), device)?,
+            labels,
+        })
+    }
+}
+
+/// Deterministic batches for one rank: epoch `e` is a permutation seeded by `seed + e`, cut to a
+/// multiple of the world size so every rank runs the same number of steps, and rank `r` takes
+/// every `world`-th example starting at `r`. A batch is addressed by (epoch, index), so a
+/// restored rank resumes from a cursor without replaying the data.
+#[derive(Debug, Clone)]
+pub struct Batcher<'a> {
+    examples: &'a [Example],
+    task: Task,
+    pad_id: u32,
+    batch_size: usize,
+    seed: u64,
+    rank: usize,
+    world_size: usize,
+}
+
+impl<'a> Batcher<'a> {
+    pub fn new(
+        examples: &'a [Example],
+        task: Task,
+        pad_id: u32,
+        batch_size: usize,
+        seed: u64,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
+        let bad = |field: &str, message: String| crate::Error::Config {
+            field: field.to_string(),
+            message,
+        };
+        if batch_size == 0 {
+            return Err(bad("training.batchSize", "must be at least 1".into()));
+        }
+        if world_size == 0 || rank >= world_size {
+            return Err(bad(
+                "rank",
+                format!(
+                    "rank {rank} is outside a world of {world_size} (set PETL_RANK < PETL_WORLD_SIZE)"
+                ),
+            ));
+        }
+        if examples.len() < world_size {
+            return Err(bad(
+                "dataset",
+                format!("{} examples cannot feed {world_size} ranks", examples.len()),
+            ));
+        }
+        Ok(Self {
+            examples,
+            task,
+            pad_id,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+        })
+    }
+
+    /// Examples this rank sees per epoch.
+    pub fn shard_len(&self) -> usize {
+        self.examples.len() / self.world_size
+    }
+
+    /// Batches per epoch (the last one may be smaller).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.shard_len().div_ceil(self.batch_size)
+    }
+
+    /// The example indices of this rank's shard in `epoch`, in visiting order.
+    pub fn shard_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.examples.len()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed.wrapping_add(epoch));
+        order.shuffle(&mut rng);
+        order.truncate(self.shard_len() * self.world_size);
+        order
+            .into_iter()
+            .skip(self.rank)
+            .step_by(self.world_size)
+            .collect()
+    }
+
+    /// Batch `index` of `epoch`.
+    pub fn batch(&self, epoch: u64, index: usize, device: &Device) -> Result<Batch> {
+        let order = self.shard_order(epoch);
+        let start = (index * self.batch_size).min(order.len());
+        let end = (start + self.batch_size).min(order.len());
+        let picked: Vec<&Example> = order[start..end]
+            .iter()
+            .map(|&i| &self.examples[i])
+            .collect();
+        Batch::pad(&picked, self.task, self.pad_id, device)
+    }
+
+    /// Every batch of `epoch`, in order.
+    pub fn epoch(&self, epoch: u64, device: &Device) -> impl Iterator<Item = Result<Batch>> + '_ {
+        let order = self.shard_order(epoch);
+        let device = device.clone();
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(self.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        chunks.into_iter().map(move |chunk| {
+            let picked: Vec<&Example> = chunk.iter().map(|&i| &self.examples[i]).collect();
+            Batch::pad(&picked, self.task, self.pad_id, &device)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples(n: usize) -> Vec<Example> {
+        (0..n)
+            .map(|i| Example {
+                ids: vec![101; 1 + i % 5],
+                label: (i % 2) as u32,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pads_each_batch_to_its_longest_sequence() {
+        let data = [
+            Example {
+                ids: vec![5, 6, 7],
+                label: 1,
+            },
+            Example {
+                ids: vec![8],
+                label: 0,
+            },
+        ];
+        let refs: Vec<&Example> = data.iter().collect();
+        let batch = Batch::pad(&refs, Task::SequenceClassification, 0, &Device::Cpu).unwrap();
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>().unwrap(),
+            [[5, 6, 7], [8, 0, 0]]
+        );
+        assert_eq!(
+            batch.attention_mask.to_vec2::<u32>().unwrap(),
+            [[1, 1, 1], [1, 0, 0]]
+        );
+        assert_eq!(batch.labels.to_vec1::<u32>().unwrap(), [1, 0]);
+        let lm = Batch::pad(&refs, Task::CausalLm, 0, &Device::Cpu).unwrap();
+        assert_eq!(
+            lm.labels.to_vec2::<u32>().unwrap(),
+            [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+        );
+    }
+
+    #[test]
+    fn ranks_see_disjoint_equal_shards_that_cover_the_epoch() {
+        let data = examples(103);
+        let shards: Vec<Vec<usize>> = (0..4)
+            .map(|rank| {
+                Batcher::new(&data, Task::SequenceClassification, 0, 8, 7, rank, 4)
+                    .unwrap()
+                    .shard_order(3)
+            })
+            .collect();
+        assert!(shards.iter().all(|s| s.len() == 25));
+        let mut all: Vec<usize> = shards.concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 100);
+    }
+
+    #[test]
+    fn shuffle_is_fixed_by_seed_and_epoch() {
+        let data = examples(50);
+        let batcher =
+            |seed| Batcher::new(&data, Task::SequenceClassification, 0, 8, seed, 0, 1).unwrap();
+        assert_eq!(batcher(1).shard_order(0), batcher(1).shard_order(0));
+        assert_ne!(batcher(1).shard_order(0), batcher(2).shard_order(0));
+        assert_ne!(batcher(1).shard_order(0), batcher(1).shard_order(1));
+    }
+
+    #[test]
+    fn addressed_batch_equals_the_iterated_one() {
+        let data = examples(30);
+        let batcher = Batcher::new(&data, Task::SequenceClassification, 0, 8, 3, 0, 1).unwrap();
+        let iterated: Vec<Batch> = batcher.epoch(2, &Device::Cpu).map(Result::unwrap).collect();
+        assert_eq!(iterated.len(), batcher.batches_per_epoch());
+        assert_eq!(iterated.last().unwrap().len(), 6);
+        let addressed = batcher.batch(2, 1, &Device::Cpu).unwrap();
+        assert_eq!(
+            addressed.input_ids.to_vec2::<u32>().unwrap(),
+            iterated[1].input_ids.to_vec2::<u32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn rank_outside_the_world_is_a_clear_error() {
+        let data = examples(10);
+        let err = Batcher::new(&data, Task::CausalLm, 0, 2, 0, 2, 2).unwrap_err();
+        assert!(err.to_string().contains("PETL_RANK"), "{err}");
+    }
+}

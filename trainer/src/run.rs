@@ -1,0 +1,252 @@
+//! Runs one rank of a PetlJob end to end: resolve the sources, load the data, train with the
+//! job's method, and (rank 0) publish the adapter and its manifest to the output.
+
+mod training;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use petl_crds::{DatasetFormat, MethodType, OutputFormat, PetlJobSpec};
+
+use crate::data::{DataConfig, Dataset, Format, Task, UnknownLabels, Validation};
+use crate::export::{Adapter, AdapterFormat, write_adapter};
+use crate::manifest::{Artifact, BaseModel, Manifest, Metrics, file_entries, sha256_file};
+use crate::metrics::TrainerMetrics;
+use crate::progress::Display;
+use crate::source::Resolver;
+use crate::{Error, Result};
+pub use training::{RankBatches, Trained, validation_batches};
+
+/// How this process takes part in the job.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `metadata.name`, recorded in the manifest.
+    pub job_name: String,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Replaces `spec.output.uri` (`petl run --output`).
+    pub output_override: Option<String>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub display: Display,
+}
+
+/// What a finished rank leaves behind.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The published output (rank 0 only).
+    pub artifact: Option<Artifact>,
+    pub output_dir: Option<PathBuf>,
+    pub metrics: Metrics,
+}
+
+/// The job's sources, resolved to local files.
+#[derive(Debug, Clone)]
+pub struct ResolvedSources {
+    pub model_dir: PathBuf,
+    pub weights_file: PathBuf,
+    pub tokenizer_file: PathBuf,
+    pub data: DataConfig,
+}
+
+/// Resolves the model and dataset URIs and turns `spec.dataset` into a data configuration.
+pub fn resolve_sources(spec: &PetlJobSpec, resolver: &Resolver) -> Result<ResolvedSources> {
+    let model_dir = resolver.input(&spec.model.uri)?;
+    let weights_file = model_dir.join("model.safetensors");
+    let tokenizer_file = model_dir.join("tokenizer.json");
+    for (what, file) in [
+        ("model weights", &weights_file),
+        ("tokenizer", &tokenizer_file),
+    ] {
+        if !file.is_file() {
+            return Err(Error::Missing {
+                what: what.into(),
+                path: file.display().to_string(),
+                fix: format!(
+                    "spec.model.uri ({}) must name a directory with config.json, model.safetensors and tokenizer.json",
+                    spec.model.uri
+                ),
+            });
+        }
+    }
+    let dataset = &spec.dataset;
+    let validation = match &dataset.validation_uri {
+        Some(uri) => Validation::File(resolver.input(uri)?),
+        None => Validation::Fraction(dataset.validation_fraction),
+    };
+    let data = DataConfig {
+        path: resolver.input(&dataset.uri)?,
+        format: data_format(dataset.format),
+        task: match dataset.task {
+            petl_crds::Task::SequenceClassification => Task::SequenceClassification,
+            petl_crds::Task::CausalLm => Task::CausalLm,
+        },
+        text_field: dataset.text_field.clone(),
+        label_field: dataset.label_field.clone(),
+        labels: dataset.labels.clone(),
+        unknown_labels: match dataset.unknown_labels {
+            petl_crds::UnknownLabels::Error => UnknownLabels::Error,
+            petl_crds::UnknownLabels::Skip => UnknownLabels::Skip,
+        },
+        validation,
+        max_sequence_length: positive(
+            dataset.max_sequence_length.into(),
+            "dataset.maxSequenceLength",
+        )?,
+        max_samples: dataset
+            .max_samples
+            .map(|n| positive(n, "dataset.maxSamples"))
+            .transpose()?,
+    };
+    Ok(ResolvedSources {
+        model_dir,
+        weights_file,
+        tokenizer_file,
+        data,
+    })
+}
+
+fn data_format(format: DatasetFormat) -> Option<Format> {
+    match format {
+        DatasetFormat::Auto => None,
+        DatasetFormat::Csv => Some(Format::Csv),
+        DatasetFormat::Tsv => Some(Format::Tsv),
+        DatasetFormat::Jsonl => Some(Format::Jsonl),
+        DatasetFormat::Tab => Some(Format::Tab),
+        DatasetFormat::Text => Some(Format::Text),
+    }
+}
+
+fn positive(value: i64, field: &str) -> Result<usize> {
+    usize::try_from(value)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or_else(|| Error::Config {
+            field: field.to_string(),
+            message: format!("must be a positive number, got {value}"),
+        })
+}
+
+/// The output directory: `--output` if given, else `spec.output.uri`.
+pub fn output_dir(
+    spec: &PetlJobSpec,
+    options: &RunOptions,
+    resolver: &Resolver,
+) -> Result<(String, PathBuf)> {
+    let uri = options
+        .output_override
+        .clone()
+        .unwrap_or_else(|| spec.output.uri.clone());
+    let dir = resolver.output(&uri)?;
+    Ok((uri, dir))
+}
+
+/// Runs one rank of the job.
+pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
+    let started = Instant::now();
+    let resolver = Resolver::from_env();
+    let sources = resolve_sources(spec, &resolver)?;
+    // Resolve the output before training, so a bad output URI fails in seconds, not after it.
+    let output = (options.rank == 0)
+        .then(|| output_dir(spec, options, &resolver))
+        .transpose()?;
+    let dataset = Dataset::load(&sources.data, &sources.tokenizer_file)?;
+    tracing::info!(
+        job = %options.job_name,
+        rank = options.rank,
+        world_size = options.world_size,
+        train_examples = dataset.train.len(),
+        validation_examples = dataset.validation.len(),
+        "data loaded"
+    );
+    let metrics = TrainerMetrics::new();
+    if let Some(addr) = options.metrics_addr {
+        let bound = metrics.serve(addr)?;
+        tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+    }
+    let trained = training::train(spec, options, &sources, &dataset, &metrics)?;
+    let run_metrics = Metrics {
+        steps: trained.steps,
+        final_loss: trained.final_loss,
+        eval_metric: trained.eval_metric,
+        eval_metric_name: trained
+            .eval_metric
+            .map(|_| trained.eval_metric_name.clone()),
+        train_examples: dataset.train.len(),
+        validation_examples: dataset.validation.len(),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    let Some((uri, dir)) = output else {
+        return Ok(RunOutcome {
+            artifact: None,
+            output_dir: None,
+            metrics: run_metrics,
+        });
+    };
+    let artifact = publish(spec, options, &sources, &trained, &run_metrics, &uri, &dir)?;
+    tracing::info!(uri = %artifact.uri, digest = %artifact.digest, "adapter published");
+    Ok(RunOutcome {
+        artifact: Some(artifact),
+        output_dir: Some(dir),
+        metrics: run_metrics,
+    })
+}
+
+/// Writes the adapter files, then the manifest that pins them.
+fn publish(
+    spec: &PetlJobSpec,
+    options: &RunOptions,
+    sources: &ResolvedSources,
+    trained: &Trained,
+    metrics: &Metrics,
+    uri: &str,
+    dir: &Path,
+) -> Result<Artifact> {
+    let hyperparameters = serde_json::json!({
+        "method": spec.method,
+        "training": spec.training,
+        "maxSequenceLength": spec.dataset.max_sequence_length,
+    });
+    let adapter = Adapter {
+        method: spec.method.type_.as_str().to_string(),
+        tensors: trained.tensors.clone(),
+        lora: trained.lora.clone(),
+        base_model: spec.model.uri.clone(),
+        task_type: match sources.data.task {
+            Task::SequenceClassification => "SEQ_CLS",
+            Task::CausalLm => "CAUSAL_LM",
+        }
+        .to_string(),
+        hyperparameters: hyperparameters.clone(),
+    };
+    let format = match spec.output.resolved_format(spec.method.type_) {
+        OutputFormat::Peft if spec.method.type_ == MethodType::Lora => AdapterFormat::Peft,
+        _ => AdapterFormat::Safetensors,
+    };
+    let files = write_adapter(dir, &adapter, format)?;
+    let manifest = Manifest {
+        manifest_version: 1,
+        job: options.job_name.clone(),
+        created_unix_seconds: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        base_model: BaseModel {
+            uri: spec.model.uri.clone(),
+            digest: format!("sha256:{}", sha256_file(&sources.weights_file)?),
+            weights_file: sources
+                .weights_file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        },
+        dataset_uri: spec.dataset.uri.clone(),
+        method: adapter.method.clone(),
+        hyperparameters,
+        metrics: metrics.clone(),
+        trainable_parameters: trained.trainable_parameters,
+        peak_memory_bytes: trained.peak_memory_bytes,
+        files: file_entries(dir, &files)?,
+    };
+    manifest.write(dir, uri)
+}

