@@ -30,11 +30,28 @@ fn logits_match_candle_quantized_llama() {
         .get_ids()
         .to_vec();
     assert!(ids.len() > 5);
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let expected = reference.forward(&input, 0).unwrap().squeeze(0).unwrap();
-    let got = ours.forward(&input, None).unwrap().get(0).unwrap().get(ids.len() - 1).unwrap();
+    let got = ours
+        .forward(&input, None)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap();
 
-    let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
     let rel = norm(&(&got - &expected).unwrap()) / norm(&expected);
     assert!(rel < 1e-4, "relative L2 logit difference {rel}");
     let argmax = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();

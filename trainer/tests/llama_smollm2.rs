@@ -60,7 +60,9 @@ fn lora_on_quantized_backbone_trains_only_adapters_and_lowers_loss() {
     let mut vars = Vec::new();
     let mut seed = 7u64;
     let mut uniform = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     };
     for proj in model.projections_mut() {
@@ -84,7 +86,10 @@ fn lora_on_quantized_backbone_trains_only_adapters_and_lowers_loss() {
 
     let text = "Rust is a language empowering everyone to build reliable and efficient software.";
     let ids = encode(&tok, text);
-    let ids = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(ids.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut opt = candle_nn::AdamW::new(
         vars.clone(),
         candle_nn::ParamsAdamW {
@@ -100,18 +105,26 @@ fn lora_on_quantized_backbone_trains_only_adapters_and_lowers_loss() {
         let grads = loss.backward().unwrap();
         let lora_ids: Vec<_> = vars.iter().map(|v| v.id()).collect();
         for id in grads.get_ids() {
-            assert!(lora_ids.contains(id), "a gradient exists for a non-LoRA tensor");
+            assert!(
+                lora_ids.contains(id),
+                "a gradient exists for a non-LoRA tensor"
+            );
         }
         if step == 0 {
             // B starts at zero, so the first step moves B only: its gradient must be non-zero.
             let b = vars[1].as_tensor();
             let g = grads.get(b).expect("no gradient for lora_B");
-            assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+            assert!(
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            );
         }
         opt.step(&grads).unwrap();
     }
-    assert!(
-        losses[3] < losses[0] - 0.1,
-        "loss did not drop: {losses:?}"
-    );
+    assert!(losses[3] < losses[0] - 0.1, "loss did not drop: {losses:?}");
 }

@@ -27,7 +27,10 @@ impl Lcg {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (((self.0 >> 33) as f32 / (1u64 << 31) as f32) - 0.5) * 2.0 * scale
             })
             .collect();
@@ -39,8 +42,14 @@ impl Lcg {
 fn random_weights() -> HashMap<String, Tensor> {
     let mut rng = Lcg(42);
     let mut w = HashMap::new();
-    w.insert("model.embed_tokens.weight".into(), rng.tensor(&[VOCAB, 32], 0.5));
-    w.insert("model.norm.weight".into(), (rng.tensor(&[32], 0.2) + 1.0).unwrap());
+    w.insert(
+        "model.embed_tokens.weight".into(),
+        rng.tensor(&[VOCAB, 32], 0.5),
+    );
+    w.insert(
+        "model.norm.weight".into(),
+        (rng.tensor(&[32], 0.2) + 1.0).unwrap(),
+    );
     for i in 0..2 {
         let p = format!("model.layers.{i}");
         for (name, shape) in [
@@ -55,7 +64,10 @@ fn random_weights() -> HashMap<String, Tensor> {
             w.insert(format!("{p}.{name}.weight"), rng.tensor(&shape, 0.3));
         }
         for n in ["input_layernorm", "post_attention_layernorm"] {
-            w.insert(format!("{p}.{n}.weight"), (rng.tensor(&[32], 0.2) + 1.0).unwrap());
+            w.insert(
+                format!("{p}.{n}.weight"),
+                (rng.tensor(&[32], 0.2) + 1.0).unwrap(),
+            );
         }
     }
     w
@@ -114,7 +126,10 @@ fn write_gguf(path: &Path, weights: &HashMap<String, Tensor>) {
         } else {
             t.clone()
         };
-        tensors.push((gguf_name(name), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        tensors.push((
+            gguf_name(name),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
     }
     let tokens: Vec<Value> = (0..VOCAB).map(|i| Value::String(format!("t{i}"))).collect();
     let meta: Vec<(&str, Value)> = vec![
@@ -138,12 +153,29 @@ fn write_gguf(path: &Path, weights: &HashMap<String, Tensor>) {
 }
 
 fn ids() -> Tensor {
-    Tensor::new(&[[3u32, 17, 5, 40, 11, 2, 29], [7, 7, 1, 0, 45, 12, 30]], &Device::Cpu).unwrap()
+    Tensor::new(
+        &[[3u32, 17, 5, 40, 11, 2, 29], [7, 7, 1, 0, 45, 12, 30]],
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let s = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     d / s.max(1e-12)
 }
 
@@ -155,8 +187,12 @@ fn hf_safetensors_and_gguf_of_the_same_weights_load_to_the_same_model() {
     write_gguf(&dir.path().join("m.gguf"), &weights);
 
     let hf = Llama::from_hf_dir(dir.path(), FrozenFormat::F32, &Device::Cpu).unwrap();
-    let (gg, _) =
-        Llama::from_gguf(&dir.path().join("m.gguf"), FrozenFormat::AsStored, &Device::Cpu).unwrap();
+    let (gg, _) = Llama::from_gguf(
+        &dir.path().join("m.gguf"),
+        FrozenFormat::AsStored,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(hf.config, gg.config);
     let names = |m: &Llama| -> Vec<(String, usize, usize)> {
         m.layers
@@ -171,7 +207,10 @@ fn hf_safetensors_and_gguf_of_the_same_weights_load_to_the_same_model() {
     let a = hf.forward(&ids(), None).unwrap();
     let b = gg.forward(&ids(), None).unwrap();
     assert_eq!(a.dims(), &[2, 7, VOCAB]);
-    assert!(max_rel_diff(&a, &b) < 1e-5, "GGUF rows were not un-permuted");
+    assert!(
+        max_rel_diff(&a, &b) < 1e-5,
+        "GGUF rows were not un-permuted"
+    );
 }
 
 #[test]
@@ -200,9 +239,14 @@ fn reference_forward(w: &HashMap<String, Var>, ids: &Tensor) -> Tensor {
     let lin = |x: &Tensor, n: &str| x.broadcast_matmul(&g(n).t().unwrap()).unwrap();
     let (b, t) = ids.dims2().unwrap();
     let (dh, heads, kv) = (8, 4, 2);
-    let inv: Vec<f32> = (0..dh / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / dh as f32)).collect();
+    let inv: Vec<f32> = (0..dh / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / dh as f32))
+        .collect();
     let inv = Tensor::from_vec(inv, (1, dh / 2), &Device::Cpu).unwrap();
-    let pos = Tensor::arange(0f32, t as f32, &Device::Cpu).unwrap().reshape((t, 1)).unwrap();
+    let pos = Tensor::arange(0f32, t as f32, &Device::Cpu)
+        .unwrap()
+        .reshape((t, 1))
+        .unwrap();
     let ang = pos.broadcast_mul(&inv).unwrap();
     let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
     let mut mask = vec![0f32; t * t];
@@ -213,12 +257,21 @@ fn reference_forward(w: &HashMap<String, Var>, ids: &Tensor) -> Tensor {
     }
     let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
     let emb = g("model.embed_tokens.weight");
-    let mut h = emb.embedding(&ids.flatten_all().unwrap()).unwrap().reshape((b, t, 32)).unwrap();
+    let mut h = emb
+        .embedding(&ids.flatten_all().unwrap())
+        .unwrap()
+        .reshape((b, t, 32))
+        .unwrap();
     for i in 0..2 {
         let p = format!("model.layers.{i}");
         let x = rms(&h, &g(&format!("{p}.input_layernorm.weight")));
         let split = |y: Tensor, n: usize| {
-            y.reshape((b, t, n, dh)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+            y.reshape((b, t, n, dh))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
         };
         let q = split(lin(&x, &format!("{p}.self_attn.q_proj.weight")), heads);
         let k = split(lin(&x, &format!("{p}.self_attn.k_proj.weight")), kv);
@@ -226,7 +279,11 @@ fn reference_forward(w: &HashMap<String, Var>, ids: &Tensor) -> Tensor {
         let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin).unwrap();
         let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin).unwrap();
         let rep = |x: Tensor| {
-            let x = x.unsqueeze(2).unwrap().broadcast_as((b, kv, 2, t, dh)).unwrap();
+            let x = x
+                .unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, kv, 2, t, dh))
+                .unwrap();
             x.contiguous().unwrap().reshape((b, heads, t, dh)).unwrap()
         };
         let (k, v) = (rep(k), rep(v));
@@ -235,7 +292,13 @@ fn reference_forward(w: &HashMap<String, Var>, ids: &Tensor) -> Tensor {
             .broadcast_add(&mask)
             .unwrap();
         let pr = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
-        let ctx = pr.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, t, 32)).unwrap();
+        let ctx = pr
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, 32))
+            .unwrap();
         h = (h + lin(&ctx, &format!("{p}.self_attn.o_proj.weight"))).unwrap();
         let x = rms(&h, &g(&format!("{p}.post_attention_layernorm.weight")));
         let gate = lin(&x, &format!("{p}.mlp.gate_proj.weight"));
@@ -270,14 +333,20 @@ fn every_weight_gradient_matches_candle_autograd() {
     let g_ref = loss_of(&expected).backward().unwrap();
     let g_ours = loss_of(&got).backward().unwrap();
     for (name, v) in &vars {
-        let a = g_ours.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let a = g_ours
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let b = g_ref.get(v.as_tensor()).unwrap();
         let rel = max_rel_diff(a, b);
         assert!(rel < 1e-4, "{name}: relative gradient error {rel}");
     }
 
     // The causal-LM loss is a mean of next-token cross-entropies: check it once by hand.
-    let loss = ours.causal_lm_loss(&ids(), None).unwrap().to_scalar::<f32>().unwrap();
+    let loss = ours
+        .causal_lm_loss(&ids(), None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let logp = candle_nn::ops::log_softmax(&expected.narrow(1, 0, 6).unwrap(), D::Minus1).unwrap();
     let next = ids().narrow(1, 1, 6).unwrap().contiguous().unwrap();
     let picked = logp.gather(&next.unsqueeze(2).unwrap(), 2).unwrap();
@@ -290,9 +359,12 @@ fn quantized_frozen_weights_pass_gradients_to_the_input() {
     let dir = tempfile::tempdir().unwrap();
     write_hf(dir.path(), &random_weights());
     let dense = Llama::from_hf_dir(dir.path(), FrozenFormat::F32, &Device::Cpu).unwrap();
-    let quant =
-        Llama::from_hf_dir(dir.path(), FrozenFormat::Requantize(GgmlDType::Q8_0), &Device::Cpu)
-            .unwrap();
+    let quant = Llama::from_hf_dir(
+        dir.path(),
+        FrozenFormat::Requantize(GgmlDType::Q8_0),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(quant.layers[0].q_proj.weight.format(), GgmlDType::Q8_0);
     let h0 = Var::from_tensor(&Lcg(3).tensor(&[2, 7, 32], 1.0)).unwrap();
     let grad = |m: &Llama| {

