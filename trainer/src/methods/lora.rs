@@ -1,0 +1,105 @@
+//! LoRA: a trainable low-rank update `(alpha / r) · B·A` beside each targeted frozen linear, named
+//! as PEFT names it (`base_model.model.<module>.lora_A.weight`) so adapters load in PEFT.
+
+use candle_core::{Tensor, Var};
+use petl_crds::LoraConfig;
+
+use super::{Method, head::Head};
+use crate::init::Rng;
+use crate::models::bert::Bert;
+use crate::tape::{Dropout, LoraDelta};
+use crate::{Error, Result};
+
+pub struct Lora {
+    backbone: Bert,
+    /// PEFT module path and its (A, B).
+    adapters: Vec<(String, Var, Var)>,
+    dropouts: Vec<Dropout>,
+    head: Head,
+}
+
+impl Lora {
+    pub fn new(mut backbone: Bert, config: &LoraConfig, num_labels: usize, seed: u64) -> Result<Self> {
+        let rank = usize::try_from(config.rank)
+            .ok()
+            .filter(|r| *r >= 1)
+            .ok_or_else(|| Error::Config {
+                field: "spec.method.lora.rank".into(),
+                message: format!("{} is not a rank; use an integer ≥ 1 such as 8", config.rank),
+            })?;
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(Error::Config {
+                field: "spec.method.lora.dropout".into(),
+                message: format!("{} is outside [0, 1); use for example 0.05", config.dropout),
+            });
+        }
+        let mut rng = Rng::new(seed);
+        let scale = config.alpha / rank as f64;
+        let mut adapters = Vec::new();
+        let mut dropouts = Vec::new();
+        for (path, linear) in backbone.linears_mut() {
+            let leaf = path.rsplit('.').next().unwrap_or(&path);
+            if !config.target_modules.iter().any(|t| t == leaf) {
+                continue;
+            }
+            let w = &linear.weight;
+            let (out, inp) = (linear.out_features(), linear.in_features());
+            // PEFT's init: A kaiming-uniform (a = √5), B zero, so training starts at the backbone.
+            let a = Var::from_tensor(&rng.linear_weight(rank, inp, w.dtype(), w.device())?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, rank), w.dtype(), w.device())?)?;
+            let dropout = (config.dropout > 0.0)
+                .then(|| Dropout::new(config.dropout, seed.wrapping_add(adapters.len() as u64 + 1)));
+            dropouts.extend(dropout.clone());
+            linear.lora = Some(LoraDelta {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale,
+                dropout,
+            });
+            adapters.push((path, a, b));
+        }
+        if adapters.is_empty() {
+            return Err(Error::Config {
+                field: "spec.method.lora.targetModules".into(),
+                message: format!(
+                    "{:?} matches no linear layer; BERT has query, key, value, dense",
+                    config.target_modules
+                ),
+            });
+        }
+        let head = Head::new(backbone.hidden_size(), num_labels, &backbone.embeddings.word, &mut rng)?;
+        Ok(Self {
+            backbone,
+            adapters,
+            dropouts,
+            head,
+        })
+    }
+}
+
+impl Method for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn parameters(&self) -> Vec<(String, Var)> {
+        let mut p = Vec::new();
+        for (path, a, b) in &self.adapters {
+            p.push((format!("base_model.model.{path}.lora_A.weight"), a.clone()));
+            p.push((format!("base_model.model.{path}.lora_B.weight"), b.clone()));
+        }
+        p.extend(self.head.parameters());
+        p
+    }
+
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let h = self.backbone.forward(input_ids, attention_mask)?;
+        self.head.forward(&h, attention_mask)
+    }
+
+    fn set_training(&self, training: bool) {
+        for d in &self.dropouts {
+            d.set_active(training);
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Fine-tuning methods: each file turns a frozen backbone into trainable parameters and a forward
+//! that builds only the graph its backward needs. This file holds the small trait they share.
+
+pub mod bitfit;
+pub mod full;
+pub mod head;
+pub mod lora;
+pub mod lst;
+
+use candle_core::{Tensor, Var};
+use petl_crds::MethodConfig;
+
+use crate::Result;
+use crate::models::bert::Bert;
+
+/// One fine-tuning method bound to its backbone.
+pub trait Method: Send {
+    /// The method's name as written in `spec.method.type`.
+    fn name(&self) -> &'static str;
+
+    /// Every trainable tensor under a stable name (optimiser state and snapshots key on it).
+    fn parameters(&self) -> Vec<(String, Var)>;
+
+    /// Logits for a batch: `(B, C)` for sequence classification. Builds a graph only through
+    /// what trains.
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+
+    /// Switches training-only behaviour (dropout) on or off.
+    fn set_training(&self, _training: bool) {}
+
+    /// The tensors an adapter file carries, under their published names (PEFT names for LoRA).
+    fn exportable(&self) -> Vec<(String, Tensor)> {
+        self.parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect()
+    }
+
+    /// Number of trainable scalars.
+    fn trainable_parameters(&self) -> usize {
+        self.parameters().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// Builds the method `config` names on a BERT backbone with a `num_labels`-way classification head.
+pub fn for_bert(
+    config: &MethodConfig,
+    backbone: Bert,
+    num_labels: usize,
+    seed: u64,
+) -> Result<Box<dyn Method>> {
+    Ok(match config {
+        MethodConfig::Full(_) => Box::new(full::Full::new(backbone, num_labels, seed)?),
+        MethodConfig::Lora(c) => Box::new(lora::Lora::new(backbone, c, num_labels, seed)?),
+        MethodConfig::Bitfit(_) => Box::new(bitfit::BitFit::new(backbone, num_labels, seed)?),
+        MethodConfig::Lst(c) => Box::new(lst::Lst::new(backbone, c, num_labels, seed)?),
+    })
+}
+
+/// Makes `t` trainable: a `Var` copy replaces it in the model, and the `Var` is returned.
+pub(crate) fn make_trainable(t: &mut Tensor) -> Result<Var> {
+    let v = Var::from_tensor(t)?;
+    *t = v.as_tensor().clone();
+    Ok(v)
+}

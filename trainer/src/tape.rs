@@ -1,0 +1,677 @@
+//! The one autograd mechanism: every layer computes its forward value untracked, then attaches a
+//! single graph node whose parents are only the tensors that need gradients and whose backward keeps
+//! only what that backward reads (reference/candle-notes.md §3).
+//!
+//! Rules every layer here follows, and every method relies on:
+//! * a weight is trainable iff it is a candle `Var` (`is_variable()`); any other weight is frozen and
+//!   never receives a gradient;
+//! * an input that does not track (a detached tap, the untracked backbone's hidden states) never
+//!   receives a gradient, so a ladder reading it stores only its own weight gradients;
+//! * a node never holds an untracked tensor as a parent; what the backward needs is captured
+//!   explicitly (detached handles share storage, so capturing costs no copy).
+
+use std::sync::Mutex;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
+};
+
+use crate::{Error, Result};
+
+/// A backward closure: gets the gradient of the node's output, returns one optional gradient per
+/// parent handed to [`attach`], in the same order.
+pub type Backward = Box<dyn Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+/// Makes `value` the output of one graph node whose parents are the *tracked* tensors among
+/// `parents`. `bwd` returns a gradient (or `None`) for every entry of `parents`; entries for
+/// untracked parents are ignored. When nothing tracks, `value` comes back as is and no node exists.
+/// At most three parents may track (candle's custom ops take one to three arguments).
+pub fn attach(
+    parents: &[&Tensor],
+    value: Tensor,
+    bwd: impl Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let tracked: Vec<usize> = (0..parents.len())
+        .filter(|&i| tracks(parents[i]))
+        .collect();
+    if tracked.is_empty() {
+        return Ok(value);
+    }
+    let picked = tracked.clone();
+    let arity = parents.len();
+    let bwd: Backward = Box::new(move |g| {
+        let mut grads = bwd(g)?;
+        if grads.len() != arity {
+            candle_core::bail!("attach: backward gave {} grads for {arity} parents", grads.len());
+        }
+        Ok(picked.iter().map(|&i| grads[i].take()).collect())
+    });
+    let node = Attached {
+        value: Mutex::new(Some(value.detach())),
+        bwd,
+    };
+    let out = match tracked.as_slice() {
+        [a] => parents[*a].apply_op1(node)?,
+        [a, b] => parents[*a].apply_op2(parents[*b], node)?,
+        [a, b, c] => parents[*a].apply_op3(parents[*b], parents[*c], node)?,
+        _ => {
+            return Err(Error::Config {
+                field: "tape.attach".into(),
+                message: format!(
+                    "{} tracked parents; a node takes at most 3 (train fewer tensors in one layer)",
+                    tracked.len()
+                ),
+            });
+        }
+    };
+    Ok(out)
+}
+
+/// The custom op behind [`attach`]: its forward hands out the precomputed value, its backward runs
+/// the layer's closure.
+struct Attached {
+    value: Mutex<Option<Tensor>>,
+    bwd: Backward,
+}
+
+impl Attached {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        let mut slot = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attach: poisoned value".into()))?;
+        slot.take()
+            .ok_or_else(|| candle_core::Error::Msg("attach: forward ran twice".into()))
+    }
+
+    /// One transient copy: no public candle API moves a storage out of a tensor.
+    fn cpu_value(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = self.take()?;
+        let v = if v.is_contiguous() { v } else { v.force_contiguous()? };
+        let (storage, layout) = v.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("attach: value is not on the CPU")
+        };
+        let (o, n) = (layout.start_offset(), layout.shape().elem_count());
+        let out = match cpu {
+            CpuStorage::U8(s) => CpuStorage::U8(s[o..o + n].to_vec()),
+            CpuStorage::U32(s) => CpuStorage::U32(s[o..o + n].to_vec()),
+            CpuStorage::I64(s) => CpuStorage::I64(s[o..o + n].to_vec()),
+            CpuStorage::BF16(s) => CpuStorage::BF16(s[o..o + n].to_vec()),
+            CpuStorage::F16(s) => CpuStorage::F16(s[o..o + n].to_vec()),
+            CpuStorage::F32(s) => CpuStorage::F32(s[o..o + n].to_vec()),
+            CpuStorage::F64(s) => CpuStorage::F64(s[o..o + n].to_vec()),
+            _ => candle_core::bail!("attach: unsupported dtype {:?}", v.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_value(
+        &self,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let v = self.take()?.force_contiguous()?;
+        let (storage, layout) = v.storage_and_layout();
+        let Storage::Cuda(cuda) = &*storage else {
+            candle_core::bail!("attach: value is not on the GPU")
+        };
+        Ok((cuda.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn grads(&self, g: &Tensor, n: usize) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let grads = (self.bwd)(g)?;
+        if grads.len() != n {
+            candle_core::bail!("attach: expected {n} gradients, got {}", grads.len());
+        }
+        Ok(grads)
+    }
+}
+
+impl CustomOp1 for Attached {
+    fn name(&self) -> &'static str {
+        "attach"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_value()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_value()
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(self.grads(g, 1)?.pop().flatten())
+    }
+}
+
+impl CustomOp2 for Attached {
+    fn name(&self) -> &'static str {
+        "attach"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_value()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_value()
+    }
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut it = self.grads(g, 2)?.into_iter();
+        Ok((it.next().flatten(), it.next().flatten()))
+    }
+}
+
+impl CustomOp3 for Attached {
+    fn name(&self) -> &'static str {
+        "attach"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_value()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_value()
+    }
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut it = self.grads(g, 3)?.into_iter();
+        Ok((it.next().flatten(), it.next().flatten(), it.next().flatten()))
+    }
+}
+
+thread_local! {
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with graph building off on this thread (evaluation): layers save nothing and attach
+/// no nodes, even over trainable weights.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let before = NO_GRAD.with(|c| c.replace(true));
+    let out = f();
+    NO_GRAD.with(|c| c.set(before));
+    out
+}
+
+fn grad_enabled() -> bool {
+    !NO_GRAD.with(|c| c.get())
+}
+
+/// True when `t` is a trainable leaf (a `Var`) and gradients are on; only those get weight
+/// gradients.
+pub fn trainable(t: &Tensor) -> bool {
+    grad_enabled() && t.is_variable()
+}
+
+/// True when a gradient must flow back into `t`.
+pub fn tracks(t: &Tensor) -> bool {
+    grad_enabled() && t.track_op()
+}
+
+/// `(..., n)` → `(rows, n)` and the leading dims to restore.
+fn flat2(x: &Tensor) -> candle_core::Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims().to_vec();
+    let n = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / n.max(1);
+    Ok((x.reshape((rows, n))?, dims))
+}
+
+fn unflat(x: &Tensor, lead: &[usize]) -> candle_core::Result<Tensor> {
+    let mut dims = lead[..lead.len() - 1].to_vec();
+    dims.push(x.dim(D::Minus1)?);
+    x.reshape(dims)
+}
+
+/// Nonlinearity fused into a [`Linear`] node, so the node saves its derivative, not its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// Exact GELU, `x·Φ(x)` (BERT's `gelu`).
+    Gelu,
+}
+
+/// Inverted dropout whose masks come from a seeded generator; active only while training.
+#[derive(Clone, Debug)]
+pub struct Dropout {
+    pub p: f64,
+    state: std::sync::Arc<Mutex<DropoutState>>,
+}
+
+#[derive(Debug)]
+struct DropoutState {
+    rng: crate::init::Rng,
+    active: bool,
+}
+
+impl Dropout {
+    pub fn new(p: f64, seed: u64) -> Self {
+        let state = DropoutState {
+            rng: crate::init::Rng::new(seed),
+            active: false,
+        };
+        Self {
+            p,
+            state: std::sync::Arc::new(Mutex::new(state)),
+        }
+    }
+
+    /// Turns masking on (training) or off (evaluation).
+    pub fn set_active(&self, active: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            s.active = active;
+        }
+    }
+
+    /// A `{0, 1/(1-p)}` mask shaped like `x`, or `None` when inactive or `p == 0`.
+    fn mask(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dropout: poisoned rng".into()))?;
+        if !s.active || self.p <= 0.0 {
+            return Ok(None);
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let values: Vec<f32> = (0..x.elem_count())
+            .map(|_| if s.rng.uniform() < self.p { 0.0 } else { keep as f32 })
+            .collect();
+        let m = Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(Some(m))
+    }
+}
+
+/// A low-rank update `scale · B·A·dropout(x)` next to a frozen weight (PEFT LoRA).
+#[derive(Clone, Debug)]
+pub struct LoraDelta {
+    /// `(r, in)`, a `Var`.
+    pub a: Tensor,
+    /// `(out, r)`, a `Var`.
+    pub b: Tensor,
+    /// `alpha / r`.
+    pub scale: f64,
+    pub dropout: Option<Dropout>,
+}
+
+/// `y = act(x·Wᵀ + b [+ LoRA])`: one graph node whose backward computes exactly the gradients
+/// the trainable parts need. A frozen weight gives `dx` only; a trainable one saves `x` for `dW`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `(out, in)`.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraDelta>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Activation::Identity)
+    }
+
+    /// The forward with a fused nonlinearity.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let (x2, lead) = flat2(&x.detach())?;
+        let mut u = x2.matmul(&self.weight.detach().t()?)?;
+        if let Some(b) = &self.bias {
+            u = u.broadcast_add(&b.detach())?;
+        }
+        let mut lora_state = None;
+        if let Some(l) = &self.lora {
+            let mask = match &l.dropout {
+                Some(d) => d.mask(&x2)?,
+                None => None,
+            };
+            let xd = match &mask {
+                Some(m) => (&x2 * m)?,
+                None => x2.clone(),
+            };
+            let t = xd.matmul(&l.a.detach().t()?)?;
+            u = (u + (t.matmul(&l.b.detach().t()?)? * l.scale)?)?;
+            lora_state = Some((xd, mask, t));
+        }
+        let need_dx = tracks(x);
+        let need_dw = trainable(&self.weight);
+        let need_db = self.bias.as_ref().is_some_and(trainable);
+        let lora = self.lora.as_ref();
+        let need_lora = lora.is_some_and(|l| trainable(&l.a) || trainable(&l.b));
+        let need_any = need_dx || need_dw || need_db || need_lora;
+        let (y, deriv) = match act {
+            Activation::Identity => (u, None),
+            Activation::Gelu => {
+                let d = if need_any { Some(gelu_derivative(&u)?) } else { None };
+                (u.gelu_erf()?, d)
+            }
+        };
+        let y = unflat(&y, &lead)?;
+        if !need_any {
+            return Ok(y);
+        }
+
+        let w = self.weight.detach();
+        let saved_x = need_dw.then_some(x2);
+        let lora_parts = lora.map(|l| (l.a.detach(), l.b.detach(), l.scale));
+        let lora_saved = if need_lora || need_dx { lora_state } else { None };
+        let bwd = move |g: &Tensor| {
+            let (g2, _) = flat2(g)?;
+            let gu = match &deriv {
+                Some(d) => (g2 * d)?,
+                None => g2,
+            };
+            let dw = match &saved_x {
+                Some(x2) => Some(gu.t()?.matmul(x2)?),
+                None => None,
+            };
+            let db = if need_db { Some(gu.sum(0)?) } else { None };
+            let (mut da, mut dbl, mut dx_lora) = (None, None, None);
+            if let (Some((a, b, scale)), Some((xd, mask, t))) = (&lora_parts, &lora_saved) {
+                let gb = gu.matmul(b)?; // (N, r)
+                if need_lora {
+                    da = Some((gb.t()?.matmul(xd)? * *scale)?);
+                    dbl = Some((gu.t()?.matmul(t)? * *scale)?);
+                }
+                if need_dx {
+                    let d = (gb.matmul(a)? * *scale)?;
+                    dx_lora = Some(match mask {
+                        Some(m) => (d * m)?,
+                        None => d,
+                    });
+                }
+            }
+            let dx = if need_dx {
+                let mut dx = gu.matmul(&w)?;
+                if let Some(extra) = dx_lora {
+                    dx = (dx + extra)?;
+                }
+                Some(unflat(&dx, &lead)?)
+            } else {
+                None
+            };
+            Ok(vec![dx, dw, db, da, dbl])
+        };
+        let bias = self.bias.clone().unwrap_or_else(|| self.weight.detach());
+        let (a, b) = match lora {
+            Some(l) => (l.a.clone(), l.b.clone()),
+            None => (self.weight.detach(), self.weight.detach()),
+        };
+        attach(&[x, &self.weight, &bias, &a, &b], y, bwd)
+    }
+}
+
+/// `Φ(u) + u·φ(u)`, the derivative of exact GELU.
+fn gelu_derivative(u: &Tensor) -> candle_core::Result<Tensor> {
+    let cdf = ((u * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+    let pdf = (u.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    cdf? + (u * pdf?)?
+}
+
+/// Exact GELU as a node that saves only its derivative.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let xd = x.detach();
+    let y = xd.gelu_erf()?;
+    if !tracks(x) {
+        return Ok(y);
+    }
+    let d = gelu_derivative(&xd)?;
+    attach(&[x], y, move |g| Ok(vec![Some((g * &d)?)]))
+}
+
+/// Softmax over the last dimension; saves its output only.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let y = softmax_values(&x.detach())?;
+    if !tracks(x) {
+        return Ok(y);
+    }
+    let saved = y.clone();
+    attach(&[x], y, move |g| Ok(vec![Some(softmax_backward(&saved, g)?)]))
+}
+
+fn softmax_values(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+fn softmax_backward(y: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+    y * g.broadcast_sub(&dot)?
+}
+
+/// LayerNorm over the last dimension with optional trainable gain and shift.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Saves the normalised input and the reciprocal standard deviation, never the raw input.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xd = x.detach();
+        let mean = xd.mean_keepdim(D::Minus1)?;
+        let xc = xd.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        let y = xhat
+            .broadcast_mul(&self.weight.detach())?
+            .broadcast_add(&self.bias.detach())?;
+        let need_dx = tracks(x);
+        let need_dg = trainable(&self.weight);
+        let need_db = trainable(&self.bias);
+        if !(need_dx || need_dg || need_db) {
+            return Ok(y);
+        }
+        let gamma = self.weight.detach();
+        let saved_rstd = need_dx.then_some(rstd);
+        let bwd = move |g: &Tensor| {
+            let (g2, _) = flat2(g)?;
+            let (xh2, _) = flat2(&xhat)?;
+            let dg = if need_dg {
+                Some((&g2 * &xh2)?.sum(0)?)
+            } else {
+                None
+            };
+            let db = if need_db { Some(g2.sum(0)?) } else { None };
+            let dx = match &saved_rstd {
+                Some(rstd) => {
+                    let dxhat = g.broadcast_mul(&gamma)?;
+                    let m1 = dxhat.mean_keepdim(D::Minus1)?;
+                    let m2 = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
+                    let inner = dxhat
+                        .broadcast_sub(&m1)?
+                        .sub(&xhat.broadcast_mul(&m2)?)?;
+                    Some(inner.broadcast_mul(rstd)?)
+                }
+                None => None,
+            };
+            Ok(vec![dx, dg, db])
+        };
+        attach(&[x, &self.weight, &self.bias], y, bwd)
+    }
+}
+
+/// Turns a `(B, T)` 0/1 attention mask into the additive `(B, 1, 1, T)` bias attention adds to
+/// its scores (0 for real tokens, a large negative number for padding).
+pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, t) = mask.dims2()?;
+    let m = mask.to_dtype(dtype)?;
+    let bias = ((m - 1.0)? * 1e4)?;
+    Ok(bias.reshape((b, 1, 1, t))?)
+}
+
+/// Multi-head scaled dot-product attention over `(B, T, H·dh)` projections, as one node.
+/// Saves the attention probabilities; q, k and v are the parents the graph holds anyway.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, d) = q.dims3()?;
+    if d % heads != 0 {
+        return Err(Error::Config {
+            field: "num_attention_heads".into(),
+            message: format!("width {d} is not divisible by {heads} heads"),
+        });
+    }
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f64).sqrt();
+    let split = move |x: &Tensor| -> candle_core::Result<Tensor> {
+        x.reshape((b, t, heads, dh))?.transpose(1, 2)?.contiguous()
+    };
+    let merge = move |x: &Tensor| -> candle_core::Result<Tensor> {
+        x.transpose(1, 2)?.contiguous()?.reshape((b, t, d))
+    };
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let (qh, kh, vh) = (split(&qd)?, split(&kd)?, split(&vd)?);
+    let scores = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(bias)?;
+    let p = softmax_values(&scores)?;
+    let ctx = merge(&p.matmul(&vh)?)?;
+    drop((qh, kh, vh, scores));
+    if !(tracks(q) || tracks(k) || tracks(v)) {
+        return Ok(ctx);
+    }
+    let bwd = move |g: &Tensor| {
+        let (qh, kh, vh) = (split(&qd)?, split(&kd)?, split(&vd)?);
+        let gh = split(g)?;
+        let dp = gh.matmul(&vh.t()?)?;
+        let dv = p.t()?.matmul(&gh)?;
+        let ds = (softmax_backward(&p, &dp)? * scale)?;
+        let dq = ds.matmul(&kh)?;
+        let dk = ds.t()?.matmul(&qh)?;
+        Ok(vec![Some(merge(&dq)?), Some(merge(&dk)?), Some(merge(&dv)?)])
+    };
+    attach(&[q, k, v], ctx, bwd)
+}
+
+/// The sum of several embedding lookups (`ids` u32, `table` `(vocab, d)`), as one node that
+/// scatters gradients into the trainable tables only.
+pub fn embedding_sum(lookups: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
+    let mut value: Option<Tensor> = None;
+    for (ids, table) in lookups {
+        let flat = ids.flatten_all()?;
+        let e = table.detach().index_select(&flat, 0)?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(table.dim(1)?);
+        let e = e.reshape(dims)?;
+        value = Some(match value {
+            Some(v) => (v + e)?,
+            None => e,
+        });
+    }
+    let value = value.ok_or_else(|| Error::Config {
+        field: "embedding_sum".into(),
+        message: "no lookups given".into(),
+    })?;
+    let saved: Vec<(Tensor, Option<Shape>)> = lookups
+        .iter()
+        .map(|(ids, table)| Ok((ids.flatten_all()?, trainable(table).then(|| table.shape().clone()))))
+        .collect::<candle_core::Result<_>>()?;
+    let parents: Vec<&Tensor> = lookups.iter().map(|(_, t)| *t).collect();
+    attach(&parents, value, move |g| {
+        let (g2, _) = flat2(g)?;
+        saved
+            .iter()
+            .map(|(ids, shape)| match shape {
+                Some(s) => Ok(Some(
+                    Tensor::zeros(s, g2.dtype(), g2.device())?.index_add(ids, &g2, 0)?,
+                )),
+                None => Ok(None),
+            })
+            .collect()
+    })
+}
+
+/// Mean of `-log softmax(logits)[label]` over rows whose weight is 1 (`weights` `(N,)`, 0/1;
+/// all rows when `None`). `logits` `(N, C)`, `labels` `(N,)` u32. The node saves the softmax.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+    let (n, c) = logits.dims2()?;
+    let ld = logits.detach();
+    let shifted = ld.broadcast_sub(&ld.max_keepdim(1)?)?;
+    let logp = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(1)?.log()?)?;
+    let p = logp.exp()?;
+    let labels = labels.flatten_all()?.to_dtype(DType::U32)?;
+    let onehot = Tensor::arange(0u32, c as u32, logits.device())?
+        .reshape((1, c))?
+        .broadcast_as((n, c))?
+        .broadcast_eq(&labels.reshape((n, 1))?)?
+        .to_dtype(ld.dtype())?;
+    let w = match weights {
+        Some(w) => w.flatten_all()?.to_dtype(ld.dtype())?,
+        None => Tensor::ones(n, ld.dtype(), ld.device())?,
+    };
+    let count = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
+    let logp_label = (logp * &onehot)?.sum(1)?;
+    let loss = ((logp_label * &w)?.sum_all()? * (-1.0 / count))?;
+    if !tracks(logits) {
+        return Ok(loss);
+    }
+    attach(&[logits], loss, move |g| {
+        let d = ((&p - &onehot)?.broadcast_mul(&w.reshape((n, 1))?)? * (1.0 / count))?;
+        Ok(vec![Some(d.broadcast_mul(g)?)])
+    })
+}
+
+/// Mean over real tokens: `h` `(B, T, d)`, `mask` `(B, T)` 0/1 → `(B, d)`. Built from
+/// differentiable candle ops (its backward only needs the mask).
+pub fn mean_pool(h: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(h.dtype())?.unsqueeze(2)?;
+    let sum = h.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1.0, f64::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
