@@ -1,0 +1,6 @@
+//! Backbones the trainer can fine-tune, each defined on `tape` so it exposes taps and injection
+//! points and owns its backward. One file a model family.
+
+pub mod bert;
+pub mod gguf;
+pub mod llama;
