@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
@@ -115,7 +115,21 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .predicate_filter(job_trigger, PredicateConfig::default());
     let config = controller::Config::default().concurrency(ctx.config.concurrency);
     info!(namespace = ?ctx.config.namespace, "starting the PetlJob controller");
-    Controller::for_stream(job_stream, reader)
+    let shutdown = shutdown.boxed().shared();
+    let store = reader.clone();
+    // A graceful shutdown stops polling the PetlJob watch; if that comes before the store's
+    // first list, the runner waits for readiness forever. No reconcile has run then (the
+    // runner holds them until the store is ready), so dropping the controller is safe.
+    let abandon_unstarted = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.await;
+            if store.wait_until_ready().now_or_never().is_some() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let controller = Controller::for_stream(job_stream, reader)
         // Metadata-only pod watch: it only triggers reconciles, which read pods fresh.
         .owns(
             pods,
@@ -128,7 +142,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             if let Err(e) = result {
                 debug!(error = %e, "controller event");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = controller => {}
+        _ = abandon_unstarted => debug!("stopped before the first PetlJob list"),
+    }
     info!("the PetlJob controller stopped");
 }
