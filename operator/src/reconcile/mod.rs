@@ -31,11 +31,14 @@ use crate::{Error, FIELD_MANAGER, Result};
 const RESYNC: Duration = Duration::from_secs(600);
 
 /// Bring the job's children and status in line with its spec.
-pub async fn apply(job: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
-    let names = Names::of(&job)?;
+pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
+    let names = Names::of(&cached)?;
+    let client = &ctx.client;
+    let Some(job) = read_fresh(&cached, &names, ctx).await? else {
+        return Ok(Action::await_change());
+    };
     let status = job.status.clone().unwrap_or_default();
     let uid = job.uid().unwrap_or_default();
-    let client = &ctx.client;
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
 
     let live = !status.is_finished() && !job.spec.suspend;
@@ -97,6 +100,19 @@ pub async fn apply(job: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(
         plan.requeue_after.map_or(RESYNC, |d| d.min(RESYNC)),
     ))
+}
+
+/// The job as the API server has it now, or None when it is gone or was recreated.
+///
+/// The reflector's copy can lag this operator's own last status write (a pod event may
+/// trigger the next reconcile before the watch delivers it); planning from that stale status
+/// would count the same transition twice and write an older status back.
+async fn read_fresh(cached: &PetlJob, names: &Names, ctx: &Context) -> Result<Option<PetlJob>> {
+    let jobs: Api<PetlJob> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    match jobs.get_opt(&names.job).await? {
+        Some(fresh) if fresh.uid() == cached.uid() => Ok(Some(fresh)),
+        _ => Ok(None),
+    }
 }
 
 /// The PetlJob is being deleted: stop its workers now (the other children follow through
