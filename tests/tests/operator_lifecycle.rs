@@ -855,8 +855,10 @@ fn a_restarted_operator_creates_no_duplicate_pods_and_keeps_counting() {
     });
 }
 
+/// Short, so a lease left behind by a stopped leader expires quickly.
+const LEASE_SECONDS: u64 = 4;
+
 #[test]
-#[ignore = "hangs on the first run: takeover after the leader stops not yet debugged"]
 fn two_operators_elect_one_leader_and_the_other_takes_over() {
     run(async {
         let mut scene = Scene::new("op-leader").await;
@@ -864,7 +866,7 @@ fn two_operators_elect_one_leader_and_the_other_takes_over() {
         let elected = |id: &str| Config {
             leader_elect: true,
             lease_name: "petl-operator-test".into(),
-            lease_duration_seconds: 4,
+            lease_duration_seconds: LEASE_SECONDS,
             lease_renew_grace_seconds: 2,
             identity: Some(id.into()),
             ..operator_config(&scene.ns)
@@ -904,9 +906,14 @@ fn two_operators_elect_one_leader_and_the_other_takes_over() {
         assert_eq!(leader_of([&leader, &follower]), [1, 0]);
 
         leader.stop().await.expect("leader stops");
-        let deadline = Instant::now() + WAIT;
+        // Scheduling slack on top of the lease duration, for a loaded 2-core CI machine.
+        let takeover = Duration::from_secs(LEASE_SECONDS + 2);
+        let deadline = Instant::now() + takeover;
         while follower.metrics.leader.get() != 1 {
-            assert!(Instant::now() < deadline, "the follower did not take over");
+            assert!(
+                Instant::now() < deadline,
+                "the follower did not take over within {takeover:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let pods = scene.pods_by_rank("le").await;
@@ -927,7 +934,6 @@ fn two_operators_elect_one_leader_and_the_other_takes_over() {
 }
 
 #[test]
-#[ignore = "failed on the first run: an expected metric value differs; not yet debugged"]
 fn the_metrics_endpoint_exposes_reconcile_and_job_counters() {
     run(async {
         let scene = Scene::new("op-metrics").await;
