@@ -297,7 +297,9 @@ fn deadline_passed(o: &Observed, p: &mut Plan) -> bool {
         p.requeue_at(o.now, o.now + Duration::from_secs(seconds as u64));
         return false;
     };
-    let deadline = started + Duration::from_secs(seconds as u64);
+    // metav1.Time keeps whole seconds, so the true start lies in the second after the stored
+    // one; counting from that second's end makes the deadline up to 1 s late, never early.
+    let deadline = started + Duration::from_secs(seconds as u64 + 1);
     if o.now < deadline {
         p.requeue_at(o.now, deadline);
         return false;
@@ -889,8 +891,13 @@ mod tests {
         assert_eq!(p.requeue_after, Some(Duration::from_millis(60_001)));
         w.later(45);
         let p = w.step();
-        assert_eq!(p.requeue_after, Some(Duration::from_millis(15_001)));
+        // 15 s left plus the second that metav1.Time truncates from the stored start.
+        assert_eq!(p.requeue_after, Some(Duration::from_millis(16_001)));
         w.later(15);
+        assert!(!w.status.is_finished(), "never early");
+        let p = w.step();
+        assert!(p.stop.is_empty());
+        w.later(1);
         let p = w.step();
         assert_eq!(
             condition_reason(&w.status, ConditionType::Failed).as_deref(),
@@ -911,7 +918,7 @@ mod tests {
         w.job.spec.suspend = false;
         let p = w.step();
         assert!(!w.status.is_finished());
-        assert_eq!(p.requeue_after, Some(Duration::from_millis(60_001)));
+        assert_eq!(p.requeue_after, Some(Duration::from_millis(61_001)));
     }
 
     #[test]
