@@ -167,12 +167,8 @@ fn spawn_waiter(
     }
 }
 
-fn wait_true(
-    mut stop: watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = stop.wait_for(|s| *s).await;
-    }
+async fn wait_true(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 fn default_identity() -> String {

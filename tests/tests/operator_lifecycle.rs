@@ -166,10 +166,10 @@ impl Scene {
     async fn wait_replaced(&self, job: &str, rank: i32, old_uid: &str) -> Pod {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some(pod) = self.pods_by_rank(job).await.remove(&rank) {
-                if pod.uid().as_deref() != Some(old_uid) {
-                    return pod;
-                }
+            if let Some(pod) = self.pods_by_rank(job).await.remove(&rank)
+                && pod.uid().as_deref() != Some(old_uid)
+            {
+                return pod;
             }
             assert!(
                 Instant::now() < deadline,

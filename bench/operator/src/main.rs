@@ -243,7 +243,7 @@ fn spawn_operator(
     log: &std::path::Path,
 ) -> Result<Child> {
     let log_file = std::fs::File::create(log)?;
-    Ok(Command::new(bin)
+    Command::new(bin)
         .args([
             "--metrics-addr",
             &format!("127.0.0.1:{port}"),
@@ -257,16 +257,16 @@ fn spawn_operator(
         .stdout(Stdio::null())
         .stderr(log_file)
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?)
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 async fn wait_ready(port: u16) -> Result<()> {
     let url = format!("http://127.0.0.1:{port}/readyz");
     for _ in 0..300 {
-        if let Ok(r) = reqwest::get(&url).await {
-            if r.status().is_success() {
-                return Ok(());
-            }
+        if let Ok(r) = reqwest::get(&url).await
+            && r.status().is_success()
+        {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

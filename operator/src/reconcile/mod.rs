@@ -42,11 +42,12 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
 
     let live = !status.is_finished() && !job.spec.suspend;
-    if live && status.observed_generation != job.metadata.generation {
-        if let Err(e) = ensure_children(&job, &names, ctx).await {
-            publish_invalid(&job, ctx, &e).await;
-            return Err(e);
-        }
+    if live
+        && status.observed_generation != job.metadata.generation
+        && let Err(e) = ensure_children(&job, &names, ctx).await
+    {
+        publish_invalid(&job, ctx, &e).await;
+        return Err(e);
     }
 
     let pods = list_rank_pods(&pods_api, &names, &uid).await?;

@@ -699,7 +699,7 @@ mod tests {
             pod.true_conditions = conditions.iter().map(|c| c.to_string()).collect();
         }
         fn later(&mut self, seconds: u64) {
-            self.now = self.now + Duration::from_secs(seconds);
+            self.now += Duration::from_secs(seconds);
         }
         fn reasons(p: &Plan) -> Vec<&'static str> {
             p.events.iter().map(|e| e.reason).collect()
