@@ -1,0 +1,238 @@
+//! Every custom backward on the tape, and every method's trainable parameters, against central
+//! finite differences in f64.
+
+use candle_core::{DType, Device, Tensor, Var};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig};
+use petl_trainer::init::Rng;
+use petl_trainer::methods::{self, Method};
+use petl_trainer::models::bert::{Bert, Config};
+use petl_trainer::tape::{self, Activation, Dropout, LayerNorm, Linear, LoraDelta};
+
+const EPS: f64 = 1e-6;
+const TOL: f64 = 1e-6;
+
+fn rand(rng: &mut Rng, shape: &[usize], bound: f64) -> Tensor {
+    rng.uniform_tensor(shape, bound, DType::F64, &Device::Cpu).unwrap()
+}
+
+fn var(rng: &mut Rng, shape: &[usize], bound: f64) -> Var {
+    Var::from_tensor(&rand(rng, shape, bound)).unwrap()
+}
+
+/// Compares the analytic gradient of `loss()` for every var with central differences on a few
+/// entries of each; fails with the worst relative error.
+fn check(vars: &[(&str, &Var)], loss: &dyn Fn() -> Tensor) {
+    let scalar = |t: Tensor| t.to_scalar::<f64>().unwrap();
+    let grads = loss().backward().unwrap();
+    for (name, v) in vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let n = base.len();
+        let picks: Vec<usize> = (0..n).step_by((n / 7).max(1)).chain([n - 1]).collect();
+        for &i in &picks {
+            let mut plus = base.clone();
+            plus[i] += EPS;
+            v.set(&Tensor::from_vec(plus, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            let lp = scalar(tape::no_grad(loss));
+            let mut minus = base.clone();
+            minus[i] -= EPS;
+            v.set(&Tensor::from_vec(minus, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            let lm = scalar(tape::no_grad(loss));
+            v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap();
+            let numeric = (lp - lm) / (2.0 * EPS);
+            let err = (numeric - g[i]).abs() / (numeric.abs() + g[i].abs()).max(1e-3);
+            assert!(err < TOL, "{name}[{i}]: analytic {} numeric {numeric} (rel {err:e})", g[i]);
+        }
+    }
+}
+
+/// `sum(out ⊙ R)` for a fixed random `R`, so every output element matters differently.
+fn project(out: &Tensor, seed: u64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let r = rand(&mut rng, out.dims(), 1.0);
+    (out * r).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn layer_norm_backward_matches_finite_differences() {
+    let mut rng = Rng::new(1);
+    let x = var(&mut rng, &[2, 3, 8], 2.0);
+    let ln = LayerNorm {
+        weight: var(&mut rng, &[8], 1.0).as_tensor().clone(),
+        bias: var(&mut rng, &[8], 1.0).as_tensor().clone(),
+        eps: 1e-5,
+    };
+    let (w, b) = (
+        Var::from_tensor(&ln.weight).unwrap(),
+        Var::from_tensor(&ln.bias).unwrap(),
+    );
+    let ln = LayerNorm {
+        weight: w.as_tensor().clone(),
+        bias: b.as_tensor().clone(),
+        eps: 1e-5,
+    };
+    check(&[("x", &x), ("gamma", &w), ("beta", &b)], &|| {
+        project(&ln.forward(x.as_tensor()).unwrap(), 9)
+    });
+}
+
+#[test]
+fn softmax_and_gelu_backward_match_finite_differences() {
+    let mut rng = Rng::new(2);
+    let x = var(&mut rng, &[3, 5], 3.0);
+    check(&[("x", &x)], &|| project(&tape::softmax(x.as_tensor()).unwrap(), 3));
+    check(&[("x", &x)], &|| project(&tape::gelu(x.as_tensor()).unwrap(), 4));
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    let mut rng = Rng::new(3);
+    let (q, k, v) = (
+        var(&mut rng, &[2, 4, 6], 1.0),
+        var(&mut rng, &[2, 4, 6], 1.0),
+        var(&mut rng, &[2, 4, 6], 1.0),
+    );
+    let mask = Tensor::from_vec(vec![1u32, 1, 1, 0, 1, 1, 1, 1], (2, 4), &Device::Cpu).unwrap();
+    let bias = tape::attention_bias(&mask, DType::F64).unwrap();
+    check(&[("q", &q), ("k", &k), ("v", &v)], &|| {
+        let out = tape::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, 2).unwrap();
+        project(&out, 5)
+    });
+}
+
+#[test]
+fn linear_backward_covers_weight_bias_input_and_fused_gelu() {
+    let mut rng = Rng::new(4);
+    let x = var(&mut rng, &[2, 3, 5], 1.0);
+    let (w, b) = (var(&mut rng, &[4, 5], 1.0), var(&mut rng, &[4], 1.0));
+    let lin = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+    for act in [Activation::Identity, Activation::Gelu] {
+        check(&[("x", &x), ("w", &w), ("b", &b)], &|| {
+            project(&lin.forward_act(x.as_tensor(), act).unwrap(), 6)
+        });
+    }
+}
+
+#[test]
+fn lora_backward_gives_a_b_and_input_gradients_but_none_for_the_frozen_weight() {
+    let mut rng = Rng::new(5);
+    let x = var(&mut rng, &[2, 3, 5], 1.0);
+    let frozen = rand(&mut rng, &[4, 5], 1.0);
+    let (a, bb) = (var(&mut rng, &[2, 5], 1.0), var(&mut rng, &[4, 2], 1.0));
+    let lin = Linear {
+        weight: frozen.clone(),
+        bias: Some(rand(&mut rng, &[4], 1.0)),
+        lora: Some(LoraDelta {
+            a: a.as_tensor().clone(),
+            b: bb.as_tensor().clone(),
+            scale: 2.0,
+            dropout: Some(Dropout::new(0.3, 7)),
+        }),
+    };
+    check(&[("x", &x), ("A", &a), ("B", &bb)], &|| {
+        project(&lin.forward(x.as_tensor()).unwrap(), 7)
+    });
+    let grads = project(&lin.forward(x.as_tensor()).unwrap(), 7).backward().unwrap();
+    assert!(grads.get(&frozen).is_none(), "frozen weight received a gradient");
+}
+
+#[test]
+fn embedding_and_cross_entropy_backward_match_finite_differences() {
+    let mut rng = Rng::new(6);
+    let table = var(&mut rng, &[7, 4], 1.0);
+    let ids = Tensor::from_vec(vec![0u32, 3, 3, 6, 1, 0], (2, 3), &Device::Cpu).unwrap();
+    check(&[("table", &table)], &|| {
+        project(&tape::embedding_sum(&[(&ids, table.as_tensor())]).unwrap(), 8)
+    });
+    let logits = var(&mut rng, &[5, 3], 2.0);
+    let labels = Tensor::from_vec(vec![0u32, 2, 1, 1, 0], 5, &Device::Cpu).unwrap();
+    let weights = Tensor::from_vec(vec![1f64, 0., 1., 1., 1.], 5, &Device::Cpu).unwrap();
+    check(&[("logits", &logits)], &|| {
+        tape::cross_entropy(logits.as_tensor(), &labels, Some(&weights)).unwrap()
+    });
+}
+
+fn tiny_bert() -> Bert {
+    let config = Config {
+        vocab_size: 20,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 32,
+        hidden_act: "gelu".into(),
+        max_position_embeddings: 8,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+    };
+    Bert::random(config, 11, DType::F64, &Device::Cpu).unwrap()
+}
+
+fn tiny_batch() -> (Tensor, Tensor, Tensor) {
+    let ids = Tensor::from_vec(vec![1u32, 5, 9, 2, 0, 3, 7, 7, 4, 1], (2, 5), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 0, 1, 1, 1, 1, 1], (2, 5), &Device::Cpu).unwrap();
+    let labels = Tensor::from_vec(vec![0u32, 2], 2, &Device::Cpu).unwrap();
+    (ids, mask, labels)
+}
+
+fn check_method(method: &dyn Method) {
+    let (ids, mask, labels) = tiny_batch();
+    let params = method.parameters();
+    assert!(!params.is_empty());
+    let named: Vec<(&str, &Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    check(&named, &|| {
+        let logits = method.forward(&ids, &mask).unwrap();
+        tape::cross_entropy(&logits, &labels, None).unwrap()
+    });
+}
+
+#[test]
+fn full_fine_tuning_gradients_match_finite_differences() {
+    let m = methods::for_bert(&MethodConfig::Full(Default::default()), tiny_bert(), 3, 1).unwrap();
+    check_method(m.as_ref());
+}
+
+#[test]
+fn bitfit_gradients_match_finite_differences() {
+    let m = methods::for_bert(&MethodConfig::Bitfit(Default::default()), tiny_bert(), 3, 1).unwrap();
+    assert!(m.parameters().iter().all(|(n, _)| n.ends_with("bias") || n.starts_with("classifier")));
+    check_method(m.as_ref());
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let config = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: vec!["query".into(), "value".into(), "dense".into()],
+    };
+    let m = methods::for_bert(&MethodConfig::Lora(config), tiny_bert(), 3, 1).unwrap();
+    // B starts at zero, which makes A's gradient zero; move B off zero to test A as well.
+    let mut rng = Rng::new(3);
+    for (name, v) in m.parameters() {
+        if name.ends_with("lora_B.weight") {
+            v.set(&rand(&mut rng, v.dims(), 0.5)).unwrap();
+        }
+    }
+    check_method(m.as_ref());
+}
+
+#[test]
+fn lst_gradients_match_finite_differences() {
+    for init_from_backbone in [true, false] {
+        let config = LstConfig {
+            reduction: 2,
+            layers: None,
+            gate_init: 0.3,
+            init_from_backbone,
+        };
+        let m = methods::for_bert(&MethodConfig::Lst(config), tiny_bert(), 3, 1).unwrap();
+        check_method(m.as_ref());
+    }
+}
