@@ -240,8 +240,7 @@ impl ControlPlane {
                 .map_err(|_| Error::Timeout {
                     what: format!("CustomResourceDefinition {name} becoming Established"),
                     seconds: 60,
-                })?
-                ?;
+                })??;
         }
         Ok(names)
     }
@@ -297,7 +296,13 @@ impl ControlPlane {
         let kcm_port = free_port()?;
         let server = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = dir.path().join("kubeconfig");
-        write_kubeconfig(&kubeconfig, &server, &pki.ca_cert, &pki.admin_cert, &pki.admin_key)?;
+        write_kubeconfig(
+            &kubeconfig,
+            &server,
+            &pki.ca_cert,
+            &pki.admin_cert,
+            &pki.admin_key,
+        )?;
         let kcm_kubeconfig = dir.path().join("kube-controller-manager.kubeconfig");
         write_kubeconfig(
             &kcm_kubeconfig,
@@ -381,11 +386,7 @@ impl LocalComponents {
                 return Err(Error::NotReady {
                     component: laggard.name.clone(),
                     seconds: READY_TIMEOUT.as_secs(),
-                    log_tail: format!(
-                        "{}{}",
-                        laggard.log_tail(40),
-                        self.etcd.log_tail(10)
-                    ),
+                    log_tail: format!("{}{}", laggard.log_tail(40), self.etcd.log_tail(10)),
                 });
             }
             tokio::time::sleep(POLL).await;
@@ -539,12 +540,11 @@ fn read_crds(dir: &Path) -> Result<Vec<CustomResourceDefinition>> {
         let text =
             std::fs::read_to_string(&file).context(|| format!("reading {}", file.display()))?;
         for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(document).map_err(|source| {
-                Error::CrdYaml {
+            let value =
+                serde_yaml::Value::deserialize(document).map_err(|source| Error::CrdYaml {
                     file: file.clone(),
                     source,
-                }
-            })?;
+                })?;
             if value.is_null() {
                 continue; // an empty document, e.g. after a trailing `---`
             }

@@ -12,9 +12,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "setup script {script} failed ({status}); run it by hand to see why: bash {script}"
-    )]
+    #[error("setup script {script} failed ({status}); run it by hand to see why: bash {script}")]
     Setup { script: PathBuf, status: String },
     #[error("certificate generation failed: {0}")]
     Certificate(#[from] rcgen::Error),

@@ -119,10 +119,12 @@ impl Prometheus {
                     serde_json::from_value(data.result).map_err(|e| failed(e.to_string()))?;
                 series
                     .into_iter()
-                    .map(|s| Ok(Sample {
-                        labels: s.metric,
-                        value: parse_value(&s.value.1).map_err(&failed)?,
-                    }))
+                    .map(|s| {
+                        Ok(Sample {
+                            labels: s.metric,
+                            value: parse_value(&s.value.1).map_err(&failed)?,
+                        })
+                    })
                     .collect()
             }
             "scalar" => {

@@ -168,7 +168,13 @@ async fn sets_pod_outcomes_installs_crds_and_runs_helm() {
     let container = &status.container_statuses.unwrap()[0];
     assert_eq!(container.image, "petl/trainer:test");
     assert_eq!(container.restart_count, 2);
-    let terminated = container.state.as_ref().unwrap().terminated.as_ref().unwrap();
+    let terminated = container
+        .state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .as_ref()
+        .unwrap();
     assert_eq!(terminated.exit_code, 137);
     let disruption = status
         .conditions
@@ -219,7 +225,16 @@ async fn sets_pod_outcomes_installs_crds_and_runs_helm() {
     std::fs::write(chart.path().join("values.yaml"), "answer: \"42\"\n").unwrap();
     let chart_path = chart.path().to_str().unwrap();
     let out = cp
-        .helm(&["install", "probe", chart_path, "-n", &ns, "--wait", "--timeout", "60s"])
+        .helm(&[
+            "install",
+            "probe",
+            chart_path,
+            "-n",
+            &ns,
+            "--wait",
+            "--timeout",
+            "60s",
+        ])
         .await
         .unwrap();
     assert!(
