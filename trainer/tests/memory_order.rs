@@ -1,0 +1,95 @@
+//! Measured (not timed) step memory on one fixed batch: the ladder side network needs less than
+//! LoRA, which needs less than full fine-tuning. One test in this binary, so no other test's
+//! allocations land in the counter.
+
+use candle_core::{DType, Device, Tensor};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig};
+use petl_trainer::data::Batch;
+use petl_trainer::init::Rng;
+use petl_trainer::memory::{self, CountingAllocator};
+use petl_trainer::methods;
+use petl_trainer::models::bert::{Bert, Config};
+use petl_trainer::train::{TrainConfig, Trainer};
+
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator;
+
+/// MiniLM's shape (random weights: the memory of a step does not depend on their values).
+fn minilm_shaped() -> Bert {
+    let config = Config {
+        vocab_size: 30522,
+        hidden_size: 384,
+        num_hidden_layers: 6,
+        num_attention_heads: 12,
+        intermediate_size: 1536,
+        hidden_act: "gelu".into(),
+        max_position_embeddings: 512,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+    };
+    Bert::random(config, 3, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn fixed_batch() -> Batch {
+    let (b, t) = (8, 64);
+    let mut rng = Rng::new(9);
+    let ids: Vec<u32> = (0..b * t).map(|_| 1000 + (rng.uniform() * 20000.0) as u32).collect();
+    Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+        attention_mask: Tensor::ones((b, t), DType::U32, &Device::Cpu).unwrap(),
+        labels: Tensor::from_vec((0..b as u32).map(|i| i % 2).collect::<Vec<_>>(), b, &Device::Cpu).unwrap(),
+    }
+}
+
+/// Peak heap bytes of one training step after a warm-up step (so optimiser moments and gemm's
+/// pack buffers already exist), measured above the heap level before the method was built.
+fn step_peak(config: &MethodConfig, batch: &Batch) -> (usize, usize) {
+    let before = memory::current_bytes();
+    let method = methods::for_bert(config, minilm_shaped(), 2, 1).unwrap();
+    let mut trainer = Trainer::new(
+        method,
+        TrainConfig {
+            max_steps: Some(2),
+            epochs: None,
+            max_seconds: None,
+            learning_rate: 1e-4,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: Default::default(),
+            grad_clip: 1.0,
+            seed: 1,
+            eval_every_steps: 0,
+        },
+    );
+    trainer.train_step(batch, 1e-4).unwrap();
+    let resting = memory::current_bytes();
+    memory::reset_peak();
+    trainer.train_step(batch, 1e-4).unwrap();
+    let peak = memory::peak_bytes();
+    (peak - before, peak - resting)
+}
+
+#[test]
+fn lst_step_needs_less_memory_than_lora_which_needs_less_than_full() {
+    let batch = fixed_batch();
+    let _ = step_peak(&MethodConfig::Lst(LstConfig::default()), &batch); // warm gemm's buffers
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let mut peaks = Vec::new();
+    for (name, config) in [
+        ("full", MethodConfig::Full(Default::default())),
+        ("lora", MethodConfig::Lora(LoraConfig::default())),
+        ("bitfit", MethodConfig::Bitfit(Default::default())),
+        ("lst", MethodConfig::Lst(LstConfig::default())),
+    ] {
+        let (total, step) = step_peak(&config, &batch);
+        eprintln!("{name:>6}: peak {:7.1} MiB above start, {:7.1} MiB above the resting state", mib(total), mib(step));
+        peaks.push((name, total, step));
+    }
+    let total = |n: &str| peaks.iter().find(|p| p.0 == n).unwrap().1;
+    let step = |n: &str| peaks.iter().find(|p| p.0 == n).unwrap().2;
+    assert!(memory::is_counting());
+    assert!(total("lst") < total("lora"), "{peaks:?}");
+    assert!(total("lora") < total("full"), "{peaks:?}");
+    assert!(step("lst") < step("lora"), "{peaks:?}");
+    assert!(step("lora") < step("full"), "{peaks:?}");
+}
