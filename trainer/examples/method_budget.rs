@@ -83,7 +83,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "rotten" => 1,
             _ => continue,
         };
-        let ids = tok.encode(&r[1], true).map_err(|e| e.to_string())?.get_ids().to_vec();
+        let ids = tok
+            .encode(&r[1], true)
+            .map_err(|e| e.to_string())?
+            .get_ids()
+            .to_vec();
         let mut ids = ids[..ids.len().min(max_len)].to_vec();
         if ids.len() == max_len {
             ids[max_len - 1] = 102; // keep [SEP] last after truncation
@@ -104,13 +108,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let width = chunk.iter().map(|(e, _)| e.len()).max().unwrap_or(1);
                 let (mut ids, mut mask) = (Vec::new(), Vec::new());
                 for (e, _) in chunk {
-                    ids.extend(e.iter().copied().chain(std::iter::repeat_n(0, width - e.len())));
-                    mask.extend(std::iter::repeat_n(1u32, e.len()).chain(std::iter::repeat_n(0, width - e.len())));
+                    ids.extend(
+                        e.iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(0, width - e.len())),
+                    );
+                    mask.extend(
+                        std::iter::repeat_n(1u32, e.len())
+                            .chain(std::iter::repeat_n(0, width - e.len())),
+                    );
                 }
                 let labels: Vec<u32> = chunk.iter().map(|(_, l)| *l).collect();
                 Batch {
                     input_ids: Tensor::from_vec(ids, (chunk.len(), width), &Device::Cpu).unwrap(),
-                    attention_mask: Tensor::from_vec(mask, (chunk.len(), width), &Device::Cpu).unwrap(),
+                    attention_mask: Tensor::from_vec(mask, (chunk.len(), width), &Device::Cpu)
+                        .unwrap(),
                     labels: Tensor::from_vec(labels, chunk.len(), &Device::Cpu).unwrap(),
                 }
             })
@@ -118,7 +130,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let train = to_batches(train_rows, batch_size);
     let valid = to_batches(valid_rows, 64);
-    eprintln!("{} train rows, {} validation rows", train_rows.len(), valid_rows.len());
+    eprintln!(
+        "{} train rows, {} validation rows",
+        train_rows.len(),
+        valid_rows.len()
+    );
 
     let config = match method_name.as_str() {
         "full" => MethodConfig::Full(Default::default()),
@@ -150,7 +166,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             eval_every_steps: eval_every,
         },
     );
-    let mut obs = Print { peak: 0, last: None };
+    let mut obs = Print {
+        peak: 0,
+        last: None,
+    };
     memory::reset_peak();
     let report = trainer.fit(&train, &valid, &mut obs)?;
     println!(
@@ -162,7 +181,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.samples_per_second,
         report.peak_memory_bytes as f64 / (1 << 20) as f64,
         report.final_loss,
-        report.eval.as_ref().and_then(|e| e.accuracy).unwrap_or(f64::NAN)
+        report
+            .eval
+            .as_ref()
+            .and_then(|e| e.accuracy)
+            .unwrap_or(f64::NAN)
     );
     Ok(())
 }

@@ -37,7 +37,13 @@ impl Rng {
 
     /// PyTorch's default `nn.Linear` weight, `(out, in)`: `U(±1/√in)` (also LoRA A's kaiming
     /// uniform with `a = √5`).
-    pub fn linear_weight(&mut self, out: usize, inp: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn linear_weight(
+        &mut self,
+        out: usize,
+        inp: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         self.uniform_tensor((out, inp), 1.0 / (inp as f64).sqrt(), dtype, device)
     }
 }

@@ -51,7 +51,9 @@ pub enum Error {
         fix: String,
     },
     /// The loss became NaN or infinite; the run cannot continue from this state.
-    #[error("loss is not finite at step {step}: lower training.learningRate or set training.gradClip")]
+    #[error(
+        "loss is not finite at step {step}: lower training.learningRate or set training.gradClip"
+    )]
     Diverged { step: u64 },
     /// A data file is empty, malformed or holds a value the job does not allow (trainer-io).
     #[error("{file}{}: {field}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]

@@ -82,7 +82,11 @@ impl AdamW {
             .collect();
         let mut sq = 0.0;
         for g in found.iter().flatten() {
-            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
@@ -137,7 +141,12 @@ impl AdamW {
 
     /// Restores moments written by [`AdamW::state`]; `steps` is the update count at that time.
     pub fn restore(&mut self, state: &[(String, Tensor)], steps: u64) -> Result<()> {
-        let find = |key: String| state.iter().find(|(n, _)| *n == key).map(|(_, t)| t.clone());
+        let find = |key: String| {
+            state
+                .iter()
+                .find(|(n, _)| *n == key)
+                .map(|(_, t)| t.clone())
+        };
         for (i, (name, var)) in self.params.iter().enumerate() {
             let m = find(format!("adam_m/{name}"));
             let v = find(format!("adam_v/{name}"));

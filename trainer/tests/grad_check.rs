@@ -12,7 +12,8 @@ const EPS: f64 = 1e-6;
 const TOL: f64 = 1e-6;
 
 fn rand(rng: &mut Rng, shape: &[usize], bound: f64) -> Tensor {
-    rng.uniform_tensor(shape, bound, DType::F64, &Device::Cpu).unwrap()
+    rng.uniform_tensor(shape, bound, DType::F64, &Device::Cpu)
+        .unwrap()
 }
 
 fn var(rng: &mut Rng, shape: &[usize], bound: f64) -> Var {
@@ -32,22 +33,34 @@ fn check(vars: &[(&str, &Var)], loss: &dyn Fn() -> Tensor) {
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let n = base.len();
         let picks: Vec<usize> = (0..n).step_by((n / 7).max(1)).chain([n - 1]).collect();
         for &i in &picks {
             let mut plus = base.clone();
             plus[i] += EPS;
-            v.set(&Tensor::from_vec(plus, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::from_vec(plus, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let lp = scalar(tape::no_grad(loss));
             let mut minus = base.clone();
             minus[i] -= EPS;
-            v.set(&Tensor::from_vec(minus, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::from_vec(minus, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let lm = scalar(tape::no_grad(loss));
-            v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let numeric = (lp - lm) / (2.0 * EPS);
             let err = (numeric - g[i]).abs() / (numeric.abs() + g[i].abs()).max(1e-3);
-            assert!(err < TOL, "{name}[{i}]: analytic {} numeric {numeric} (rel {err:e})", g[i]);
+            assert!(
+                err < TOL,
+                "{name}[{i}]: analytic {} numeric {numeric} (rel {err:e})",
+                g[i]
+            );
         }
     }
 }
@@ -86,8 +99,12 @@ fn layer_norm_backward_matches_finite_differences() {
 fn softmax_and_gelu_backward_match_finite_differences() {
     let mut rng = Rng::new(2);
     let x = var(&mut rng, &[3, 5], 3.0);
-    check(&[("x", &x)], &|| project(&tape::softmax(x.as_tensor()).unwrap(), 3));
-    check(&[("x", &x)], &|| project(&tape::gelu(x.as_tensor()).unwrap(), 4));
+    check(&[("x", &x)], &|| {
+        project(&tape::softmax(x.as_tensor()).unwrap(), 3)
+    });
+    check(&[("x", &x)], &|| {
+        project(&tape::gelu(x.as_tensor()).unwrap(), 4)
+    });
 }
 
 #[test]
@@ -138,8 +155,13 @@ fn lora_backward_gives_a_b_and_input_gradients_but_none_for_the_frozen_weight() 
     check(&[("x", &x), ("A", &a), ("B", &bb)], &|| {
         project(&lin.forward(x.as_tensor()).unwrap(), 7)
     });
-    let grads = project(&lin.forward(x.as_tensor()).unwrap(), 7).backward().unwrap();
-    assert!(grads.get(&frozen).is_none(), "frozen weight received a gradient");
+    let grads = project(&lin.forward(x.as_tensor()).unwrap(), 7)
+        .backward()
+        .unwrap();
+    assert!(
+        grads.get(&frozen).is_none(),
+        "frozen weight received a gradient"
+    );
 }
 
 #[test]
@@ -148,7 +170,10 @@ fn embedding_and_cross_entropy_backward_match_finite_differences() {
     let table = var(&mut rng, &[7, 4], 1.0);
     let ids = Tensor::from_vec(vec![0u32, 3, 3, 6, 1, 0], (2, 3), &Device::Cpu).unwrap();
     check(&[("table", &table)], &|| {
-        project(&tape::embedding_sum(&[(&ids, table.as_tensor())]).unwrap(), 8)
+        project(
+            &tape::embedding_sum(&[(&ids, table.as_tensor())]).unwrap(),
+            8,
+        )
     });
     let logits = var(&mut rng, &[5, 3], 2.0);
     let labels = Tensor::from_vec(vec![0u32, 2, 1, 1, 0], 5, &Device::Cpu).unwrap();
@@ -174,8 +199,10 @@ fn tiny_bert() -> Bert {
 }
 
 fn tiny_batch() -> (Tensor, Tensor, Tensor) {
-    let ids = Tensor::from_vec(vec![1u32, 5, 9, 2, 0, 3, 7, 7, 4, 1], (2, 5), &Device::Cpu).unwrap();
-    let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 0, 1, 1, 1, 1, 1], (2, 5), &Device::Cpu).unwrap();
+    let ids =
+        Tensor::from_vec(vec![1u32, 5, 9, 2, 0, 3, 7, 7, 4, 1], (2, 5), &Device::Cpu).unwrap();
+    let mask =
+        Tensor::from_vec(vec![1u32, 1, 1, 1, 0, 1, 1, 1, 1, 1], (2, 5), &Device::Cpu).unwrap();
     let labels = Tensor::from_vec(vec![0u32, 2], 2, &Device::Cpu).unwrap();
     (ids, mask, labels)
 }
@@ -199,8 +226,13 @@ fn full_fine_tuning_gradients_match_finite_differences() {
 
 #[test]
 fn bitfit_gradients_match_finite_differences() {
-    let m = methods::for_bert(&MethodConfig::Bitfit(Default::default()), tiny_bert(), 3, 1).unwrap();
-    assert!(m.parameters().iter().all(|(n, _)| n.ends_with("bias") || n.starts_with("classifier")));
+    let m =
+        methods::for_bert(&MethodConfig::Bitfit(Default::default()), tiny_bert(), 3, 1).unwrap();
+    assert!(
+        m.parameters()
+            .iter()
+            .all(|(n, _)| n.ends_with("bias") || n.starts_with("classifier"))
+    );
     check_method(m.as_ref());
 }
 

@@ -33,11 +33,18 @@ fn minilm_shaped() -> Bert {
 fn fixed_batch() -> Batch {
     let (b, t) = (8, 64);
     let mut rng = Rng::new(9);
-    let ids: Vec<u32> = (0..b * t).map(|_| 1000 + (rng.uniform() * 20000.0) as u32).collect();
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| 1000 + (rng.uniform() * 20000.0) as u32)
+        .collect();
     Batch {
         input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
         attention_mask: Tensor::ones((b, t), DType::U32, &Device::Cpu).unwrap(),
-        labels: Tensor::from_vec((0..b as u32).map(|i| i % 2).collect::<Vec<_>>(), b, &Device::Cpu).unwrap(),
+        labels: Tensor::from_vec(
+            (0..b as u32).map(|i| i % 2).collect::<Vec<_>>(),
+            b,
+            &Device::Cpu,
+        )
+        .unwrap(),
     }
 }
 
@@ -82,7 +89,11 @@ fn lst_step_needs_less_memory_than_lora_which_needs_less_than_full() {
         ("lst", MethodConfig::Lst(LstConfig::default())),
     ] {
         let (total, step) = step_peak(&config, &batch);
-        eprintln!("{name:>6}: peak {:7.1} MiB above start, {:7.1} MiB above the resting state", mib(total), mib(step));
+        eprintln!(
+            "{name:>6}: peak {:7.1} MiB above start, {:7.1} MiB above the resting state",
+            mib(total),
+            mib(step)
+        );
         peaks.push((name, total, step));
     }
     let total = |n: &str| peaks.iter().find(|p| p.0 == n).unwrap().1;

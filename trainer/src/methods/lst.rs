@@ -42,7 +42,10 @@ impl Lst {
             .filter(|r| *r >= 1 && d % r == 0)
             .ok_or_else(|| Error::Config {
                 field: "spec.method.lst.reduction".into(),
-                message: format!("{} must be ≥ 1 and divide the hidden size {d} (e.g. 8)", config.reduction),
+                message: format!(
+                    "{} must be ≥ 1 and divide the hidden size {d} (e.g. 8)",
+                    config.reduction
+                ),
             })?;
         let kept = kept_layers(config.layers.as_deref(), n_layers)?;
         let side = SideShape::new(&backbone, reduction, config.init_from_backbone)?;
@@ -66,7 +69,13 @@ impl Lst {
                 ),
                 None => (
                     random_linear(&mut rng, side.width, d, dtype, &device)?,
-                    random_layer(&mut rng, &side, backbone.config.layer_norm_eps, dtype, &device)?,
+                    random_layer(
+                        &mut rng,
+                        &side,
+                        backbone.config.layer_norm_eps,
+                        dtype,
+                        &device,
+                    )?,
                 ),
             };
             let alpha = Tensor::full(config.gate_init, 1, &device)?.to_dtype(dtype)?;
@@ -79,17 +88,25 @@ impl Lst {
         }
 
         let mut params = Vec::new();
-        for (name, t) in [
-            ("side.first_downsample.weight".to_string(), &mut first_down.weight),
-        ]
+        for (name, t) in [(
+            "side.first_downsample.weight".to_string(),
+            &mut first_down.weight,
+        )]
         .into_iter()
-        .chain(first_down.bias.as_mut().map(|b| ("side.first_downsample.bias".to_string(), b)))
-        {
+        .chain(
+            first_down
+                .bias
+                .as_mut()
+                .map(|b| ("side.first_downsample.bias".to_string(), b)),
+        ) {
             params.push((name, make_trainable(t)?));
         }
         for rung in &mut rungs {
             let i = rung.source - 1;
-            params.push((format!("side.downsamples.{i}.weight"), make_trainable(&mut rung.ladder.weight)?));
+            params.push((
+                format!("side.downsamples.{i}.weight"),
+                make_trainable(&mut rung.ladder.weight)?,
+            ));
             if let Some(b) = rung.ladder.bias.as_mut() {
                 params.push((format!("side.downsamples.{i}.bias"), make_trainable(b)?));
             }
@@ -180,7 +197,10 @@ fn kept_layers(layers: Option<&[i32]>, n: usize) -> Result<Vec<usize>> {
             .filter(|i| *i < n)
             .ok_or_else(|| Error::Config {
                 field: "spec.method.lst.layers".into(),
-                message: format!("layer {l} does not exist; the backbone has layers 0..{}", n - 1),
+                message: format!(
+                    "layer {l} does not exist; the backbone has layers 0..{}",
+                    n - 1
+                ),
             })?;
         kept.push(i);
     }
@@ -232,13 +252,25 @@ impl SideShape {
     }
 }
 
-fn random_linear(rng: &mut Rng, out: usize, inp: usize, dtype: DType, device: &Device) -> Result<Linear> {
+fn random_linear(
+    rng: &mut Rng,
+    out: usize,
+    inp: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Linear> {
     let w = rng.linear_weight(out, inp, dtype, device)?;
     let b = rng.uniform_tensor(out, 1.0 / (inp as f64).sqrt(), dtype, device)?;
     Ok(Linear::new(w, Some(b)))
 }
 
-fn random_layer(rng: &mut Rng, s: &SideShape, eps: f64, dtype: DType, device: &Device) -> Result<Layer> {
+fn random_layer(
+    rng: &mut Rng,
+    s: &SideShape,
+    eps: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Layer> {
     let norm = || -> Result<LayerNorm> {
         Ok(LayerNorm {
             weight: Tensor::ones(s.width, dtype, device)?,
@@ -297,16 +329,27 @@ impl Pruner {
             w[row * d + col as usize] = 1.0;
         }
         let w = Tensor::from_vec(w, (self.residual_dims, d), device)?.to_dtype(dtype)?;
-        Ok(Linear::new(w, Some(Tensor::zeros(self.residual_dims, dtype, device)?)))
+        Ok(Linear::new(
+            w,
+            Some(Tensor::zeros(self.residual_dims, dtype, device)?),
+        ))
     }
 
     fn pruned_layer(&self, l: &Layer) -> Result<Layer> {
         let r = &self.residual;
         let rows_norm = |w: &Tensor| -> Result<Tensor> {
-            Ok(w.to_dtype(DType::F32)?.index_select(r, 1)?.sqr()?.sum(1)?.sqrt()?)
+            Ok(w.to_dtype(DType::F32)?
+                .index_select(r, 1)?
+                .sqr()?
+                .sum(1)?
+                .sqrt()?)
         };
         let cols_norm = |w: &Tensor| -> Result<Tensor> {
-            Ok(w.to_dtype(DType::F32)?.index_select(r, 0)?.sqr()?.sum(0)?.sqrt()?)
+            Ok(w.to_dtype(DType::F32)?
+                .index_select(r, 0)?
+                .sqr()?
+                .sum(0)?
+                .sqrt()?)
         };
         let qk_score = (rows_norm(&l.query.weight)? * rows_norm(&l.key.weight)?)?;
         let v_score = (rows_norm(&l.value.weight)? * cols_norm(&l.attention_output.weight)?)?;
@@ -333,9 +376,18 @@ impl Pruner {
         let mut picked = Vec::with_capacity(self.heads * self.head_dims);
         for h in 0..self.heads {
             let local = top_k(&score.i(h * dh..(h + 1) * dh)?, self.head_dims)?;
-            picked.extend(local.to_vec1::<u32>()?.into_iter().map(|j| j + (h * dh) as u32));
+            picked.extend(
+                local
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|j| j + (h * dh) as u32),
+            );
         }
-        Ok(Tensor::from_vec(picked, self.heads * self.head_dims, score.device())?)
+        Ok(Tensor::from_vec(
+            picked,
+            self.heads * self.head_dims,
+            score.device(),
+        )?)
     }
 }
 
@@ -349,7 +401,11 @@ fn top_k(score: &Tensor, k: usize) -> Result<Tensor> {
 
 fn prune_linear(l: &Linear, rows: &Tensor, cols: &Tensor) -> Result<Linear> {
     let w = l.weight.index_select(rows, 0)?.index_select(cols, 1)?;
-    let b = l.bias.as_ref().map(|b| b.index_select(rows, 0)).transpose()?;
+    let b = l
+        .bias
+        .as_ref()
+        .map(|b| b.index_select(rows, 0))
+        .transpose()?;
     Ok(Linear::new(w, b))
 }
 

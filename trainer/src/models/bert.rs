@@ -7,8 +7,8 @@
 use std::ops::Range;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
 use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::tape::{self, Activation, LayerNorm, Linear};
@@ -156,7 +156,10 @@ impl Bert {
         if config.hidden_act != "gelu" {
             return Err(Error::Config {
                 field: "config.json hidden_act".into(),
-                message: format!("{:?} is not supported; the BERT backbone implements \"gelu\"", config.hidden_act),
+                message: format!(
+                    "{:?} is not supported; the BERT backbone implements \"gelu\"",
+                    config.hidden_act
+                ),
             });
         }
         let (d, ff) = (config.hidden_size, config.intermediate_size);
@@ -181,7 +184,11 @@ impl Bert {
                     key: w.linear(&format!("{p}.attention.self.key"), d, d)?,
                     value: w.linear(&format!("{p}.attention.self.value"), d, d)?,
                     attention_output: w.linear(&format!("{p}.attention.output.dense"), d, d)?,
-                    attention_norm: w.layer_norm(&format!("{p}.attention.output.LayerNorm"), d, eps)?,
+                    attention_norm: w.layer_norm(
+                        &format!("{p}.attention.output.LayerNorm"),
+                        d,
+                        eps,
+                    )?,
                     intermediate: w.linear(&format!("{p}.intermediate.dense"), ff, d)?,
                     output: w.linear(&format!("{p}.output.dense"), d, ff)?,
                     output_norm: w.layer_norm(&format!("{p}.output.LayerNorm"), d, eps)?,
@@ -200,7 +207,11 @@ impl Bert {
     /// load a checkpoint).
     pub fn random(config: Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = crate::init::Rng::new(seed);
-        let (d, ff, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
+        let (d, ff, eps) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.layer_norm_eps,
+        );
         let mut linear = |out: usize, inp: usize| -> Result<Linear> {
             let w = rng.linear_weight(out, inp, dtype, device)?;
             let b = rng.uniform_tensor(out, 0.1, dtype, device)?;
@@ -245,7 +256,12 @@ impl Bert {
         }
         let embeddings = Embeddings {
             word: rng.uniform_tensor((config.vocab_size, d), 1.0, dtype, device)?,
-            position: rng.uniform_tensor((config.max_position_embeddings, d), 0.5, dtype, device)?,
+            position: rng.uniform_tensor(
+                (config.max_position_embeddings, d),
+                0.5,
+                dtype,
+                device,
+            )?,
             token_type: rng.uniform_tensor((config.type_vocab_size, d), 0.5, dtype, device)?,
             norm: norm(&mut rng)?,
         };
@@ -302,7 +318,11 @@ impl Bert {
 
     /// All `L + 1` hidden states (embeddings output, then each layer's output) with no graph:
     /// what side networks and ladders read. Each state is detached.
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<Tensor>> {
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Vec<Tensor>> {
         let bias = self.attention_bias(attention_mask)?;
         let mut h = self.embed(input_ids)?.detach();
         let mut states = Vec::with_capacity(self.layers.len() + 1);
@@ -319,7 +339,10 @@ impl Bert {
         if range.end > self.layers.len() {
             return Err(Error::Config {
                 field: "layers".into(),
-                message: format!("range {range:?} exceeds the model's {} layers", self.layers.len()),
+                message: format!(
+                    "range {range:?} exceeds the model's {} layers",
+                    self.layers.len()
+                ),
             });
         }
         let mut h = h.clone();
@@ -364,8 +387,14 @@ impl Bert {
         let e = &mut self.embeddings;
         let mut out: Vec<(String, &mut Tensor)> = vec![
             ("embeddings.word_embeddings.weight".into(), &mut e.word),
-            ("embeddings.position_embeddings.weight".into(), &mut e.position),
-            ("embeddings.token_type_embeddings.weight".into(), &mut e.token_type),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                &mut e.position,
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                &mut e.token_type,
+            ),
             ("embeddings.LayerNorm.weight".into(), &mut e.norm.weight),
             ("embeddings.LayerNorm.bias".into(), &mut e.norm.bias),
         ];
@@ -379,7 +408,10 @@ impl Bert {
 
     /// Total number of backbone weights.
     pub fn parameter_count(&mut self) -> usize {
-        self.parameters_mut().iter().map(|(_, t)| t.elem_count()).sum()
+        self.parameters_mut()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum()
     }
 }
 
@@ -415,21 +447,31 @@ impl Weights {
         let legacy = name
             .strip_suffix("LayerNorm.weight")
             .map(|p| format!("{p}LayerNorm.gamma"))
-            .or_else(|| name.strip_suffix("LayerNorm.bias").map(|p| format!("{p}LayerNorm.beta")));
+            .or_else(|| {
+                name.strip_suffix("LayerNorm.bias")
+                    .map(|p| format!("{p}LayerNorm.beta"))
+            });
         let mut candidates = vec![name.to_string(), format!("bert.{name}")];
         if let Some(l) = legacy {
             candidates.push(format!("bert.{l}"));
             candidates.push(l);
         }
-        let found = candidates.iter().find_map(|c| self.file.load(c, &self.device).ok());
+        let found = candidates
+            .iter()
+            .find_map(|c| self.file.load(c, &self.device).ok());
         let t = found.ok_or_else(|| Error::Weights {
             file: self.path.clone(),
-            message: format!("no tensor {name} (also tried the bert. prefix); is this a BERT checkpoint?"),
+            message: format!(
+                "no tensor {name} (also tried the bert. prefix); is this a BERT checkpoint?"
+            ),
         })?;
         if t.dims() != shape {
             return Err(Error::Weights {
                 file: self.path.clone(),
-                message: format!("{name} has shape {:?}, config.json implies {shape:?}", t.dims()),
+                message: format!(
+                    "{name} has shape {:?}, config.json implies {shape:?}",
+                    t.dims()
+                ),
             });
         }
         Ok(t.to_dtype(self.dtype)?)
