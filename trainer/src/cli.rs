@@ -218,8 +218,11 @@ pub fn load_job(path: &Path) -> Result<(String, PetlJobSpec)> {
         })
         .map_err(|e| fail(format!("not a valid PetlJob spec: {e}")))?
     };
-    // Status and server-set metadata are legal in a YAML fetched from a cluster.
-    unknown.retain(|p| !p.starts_with("status") && !p.starts_with("metadata"));
+    // Status and server-set metadata are legal in a YAML fetched from a cluster; apiVersion and
+    // kind were checked by the crds parser above (the derived type reads them without serde).
+    unknown.retain(|p| {
+        !p.starts_with("status") && !p.starts_with("metadata") && p != "apiVersion" && p != "kind"
+    });
     if !unknown.is_empty() {
         return Err(fail(format!(
             "unknown field{} {}: check the spelling against the PetlJob API (docs/trainer.md)",
