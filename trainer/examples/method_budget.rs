@@ -28,7 +28,7 @@ struct Print {
 impl Observer for Print {
     fn on_step(&mut self, info: &StepInfo, _: &Trainer) -> petl_trainer::Result<()> {
         self.peak = self.peak.max(info.peak_memory_bytes);
-        if info.step % 20 == 0 {
+        if info.step.is_multiple_of(20) {
             eprintln!(
                 "step {:5} t {:6.1}s loss {:.4} lr {:.2e} {:6.1} samples/s",
                 info.step,

@@ -220,7 +220,7 @@ mod tests {
             },
             trainable_parameters: 10,
             peak_memory_bytes: 100,
-            files: file_entries(dir.path(), &[path.clone()]).unwrap(),
+            files: file_entries(dir.path(), std::slice::from_ref(&path)).unwrap(),
         };
         let artifact = manifest.write(dir.path(), "file:///x").unwrap();
         assert_eq!(

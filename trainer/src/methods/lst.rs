@@ -39,7 +39,7 @@ impl Lst {
         let n_layers = backbone.layers.len();
         let reduction = usize::try_from(config.reduction)
             .ok()
-            .filter(|r| *r >= 1 && d % r == 0)
+            .filter(|r| *r >= 1 && d.is_multiple_of(*r))
             .ok_or_else(|| Error::Config {
                 field: "spec.method.lst.reduction".into(),
                 message: format!(
@@ -227,7 +227,7 @@ impl SideShape {
         let c = &backbone.config;
         let width = c.hidden_size / reduction;
         // LST keeps the head count; pruning needs it, a random side net takes the nearest divisor.
-        let heads = if width % c.num_attention_heads == 0 {
+        let heads = if width.is_multiple_of(c.num_attention_heads) {
             c.num_attention_heads
         } else if from_backbone {
             return Err(Error::Config {
@@ -241,7 +241,7 @@ impl SideShape {
         } else {
             (1..=c.num_attention_heads.min(width))
                 .rev()
-                .find(|h| width % h == 0)
+                .find(|h| width.is_multiple_of(*h))
                 .unwrap_or(1)
         };
         Ok(Self {

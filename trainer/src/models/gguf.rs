@@ -274,5 +274,5 @@ fn hold(q: QTensor, format: FrozenFormat, device: &Device) -> candle_core::Resul
 pub fn fitting(target: GgmlDType, cols: usize) -> Option<GgmlDType> {
     [target, GgmlDType::Q8_0]
         .into_iter()
-        .find(|t| cols % t.block_size() == 0)
+        .find(|t| cols.is_multiple_of(t.block_size()))
 }

@@ -78,7 +78,7 @@ impl Config {
                 "num_attention_heads {h} must be a positive multiple of num_key_value_heads {kv}"
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()
