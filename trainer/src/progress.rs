@@ -80,7 +80,9 @@ impl Progress {
                     update.peak_memory_bytes as f64 / (1 << 20) as f64
                 ));
             }
-            None if update.step.is_multiple_of(self.log_every) || update.step == self.total_steps => {
+            None if update.step.is_multiple_of(self.log_every)
+                || update.step == self.total_steps =>
+            {
                 tracing::info!(
                     step = update.step,
                     total_steps = self.total_steps,

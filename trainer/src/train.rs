@@ -292,7 +292,11 @@ impl Trainer {
             };
             observer.on_step(&info, self)?;
             let every = self.config.eval_every_steps;
-            if every > 0 && self.step.is_multiple_of(every) && self.step < total && !valid.is_empty() {
+            if every > 0
+                && self.step.is_multiple_of(every)
+                && self.step < total
+                && !valid.is_empty()
+            {
                 let e = self.evaluate(valid)?;
                 observer.on_eval(self.step, &e)?;
                 eval = Some(e);
