@@ -2,6 +2,7 @@
 //! and spreads shards, commits, holds peers' shards, serves agreement and the three restore tiers.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,11 +17,13 @@ use crate::agreement::{self, Agreement};
 use crate::auth::{self, Secret};
 use crate::codec::{self, Layout, Shard};
 use crate::durable::{self, DurableStore};
+use crate::handoff;
 use crate::manifest;
 use crate::metrics::Metrics;
 use crate::placement::Placement;
+use crate::pool::BufferPool;
 use crate::protocol::{AgentStatus, Conn, Message, ShardHeader};
-use crate::store::{KEEP_COMMITTED, Store};
+use crate::store::{KEEP_COMMITTED, OwnCopy, Store};
 use crate::{Error, Result};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -93,6 +96,8 @@ struct Agent {
     metrics: Metrics,
     /// One outgoing connection per peer, reused; `None` until (re)connected.
     links: Vec<tokio::sync::Mutex<Option<Conn<TcpStream>>>>,
+    /// Buffers of received and parity shards, reused once their generation is pruned.
+    pool: Arc<BufferPool>,
     handoff: Notify,
     committing: AtomicBool,
     committed: watch::Sender<Option<u64>>,
@@ -102,8 +107,19 @@ struct Agent {
     durable_slot: Mutex<Option<(u64, Bytes)>>,
 }
 
+/// Longest wait on shutdown for the in-flight commit and durable checkpoint, under the 30 s a
+/// Kubernetes pod gets between SIGTERM and SIGKILL by default.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
 /// Runs the agent until the process ends.
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    run_until(cfg, std::future::pending()).await
+}
+
+/// Runs the agent until `shutdown` completes (SIGTERM), then lets the generation being
+/// committed and the durable checkpoint being written finish before returning, so a pod stopped
+/// during a write still leaves that checkpoint on the volume.
+pub async fn run_until(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let placement = Placement::new(cfg.world_size, cfg.layout)?;
     if cfg.rank >= cfg.world_size || cfg.peers.len() != cfg.world_size {
         return Err(Error::Config(format!(
@@ -136,6 +152,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             .map(|_| tokio::sync::Mutex::new(None))
             .collect(),
         placement,
+        // Room for a generation's worth of shards in and out, freed by the next prune.
+        pool: BufferPool::new(2 * cfg.layout.total()),
         store: Mutex::new(Store::default()),
         metrics: Metrics::default(),
         handoff: Notify::new(),
@@ -151,8 +169,36 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tokio::spawn(serve_metrics(agent.clone(), listener));
     }
     tokio::spawn(commit_loop(agent.clone()));
+    tokio::spawn(warm_links(agent.clone()));
     tokio::spawn(accept_local(agent.clone(), local_listener));
-    accept_peers(agent, peer_listener).await
+    tokio::select! {
+        result = accept_peers(agent.clone(), peer_listener) => result,
+        () = shutdown => {
+            drain(&agent).await;
+            let _ = std::fs::remove_file(&agent.cfg.local_socket);
+            Ok(())
+        }
+    }
+}
+
+/// Waits (bounded) until no generation is being committed and no durable write is running or
+/// waiting.
+async fn drain(agent: &Agent) {
+    let started = Instant::now();
+    let busy = || {
+        agent.committing.load(Ordering::SeqCst)
+            || agent.durable_busy.load(Ordering::SeqCst)
+            || agent.durable_slot.lock().expect("durable slot").is_some()
+    };
+    while busy() && started.elapsed() < DRAIN_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(
+        rank = agent.cfg.rank,
+        waited_ms = started.elapsed().as_millis() as u64,
+        finished = !busy(),
+        "snapshot agent stopping"
+    );
 }
 
 impl Agent {
@@ -222,9 +268,32 @@ impl Agent {
             .map_err(|_| Error::Agent(format!("connecting to rank {peer} at {addr} timed out")))?
             .map_err(|e| Error::Agent(format!("cannot connect to rank {peer} at {addr}: {e}")))?;
         stream.set_nodelay(true)?;
-        let mut conn = Conn::new(stream, self.cfg.max_frame);
+        let mut conn = Conn::new(stream, self.cfg.max_frame).with_pool(self.pool.clone());
         auth::connect(&mut conn, &self.cfg.secret, &self.cfg.job, self.rank()).await?;
         Ok(conn)
+    }
+}
+
+/// Dials every peer once they are up, so that the first commit does not pay for connections
+/// and handshakes; peers still down after a while are dialled by the first call instead.
+async fn warm_links(agent: Arc<Agent>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut cold: Vec<usize> = (0..agent.cfg.world_size)
+        .filter(|&r| r != agent.cfg.rank)
+        .collect();
+    while !cold.is_empty() && Instant::now() < deadline {
+        let mut still = Vec::new();
+        for peer in cold {
+            let mut link = agent.links[peer].lock().await;
+            if link.is_none() {
+                match agent.dial(peer).await {
+                    Ok(conn) => *link = Some(conn),
+                    Err(_) => still.push(peer),
+                }
+            }
+        }
+        cold = still;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -247,8 +316,8 @@ async fn accept_local(agent: Arc<Agent>, listener: UnixListener) {
 async fn serve_local(agent: Arc<Agent>, stream: UnixStream) {
     let mut conn = Conn::new(stream, agent.cfg.max_frame);
     loop {
-        let msg = match conn.recv().await {
-            Ok(msg) => msg,
+        let (msg, fd) = match conn.recv_local().await {
+            Ok(received) => received,
             Err(Error::Protocol(m)) if m.contains("closed mid-frame") => return,
             Err(e) => {
                 tracing::warn!(error = %e, "bad frame from the trainer");
@@ -260,7 +329,7 @@ async fn serve_local(agent: Arc<Agent>, stream: UnixStream) {
                 return;
             }
         };
-        let reply = match handle_local(&agent, msg).await {
+        let reply = match handle_local(&agent, msg, fd).await {
             Ok(reply) => reply,
             Err(e) => Message::Error {
                 message: e.to_string(),
@@ -272,20 +341,20 @@ async fn serve_local(agent: Arc<Agent>, stream: UnixStream) {
     }
 }
 
-async fn handle_local(agent: &Arc<Agent>, msg: Message) -> Result<Message> {
+async fn handle_local(agent: &Arc<Agent>, msg: Message, fd: Option<OwnedFd>) -> Result<Message> {
     match msg {
-        Message::Put { snapshot } => {
-            let generation = manifest::peek(&snapshot)?.generation;
-            agent.metrics.snapshot_bytes.set(snapshot.len() as i64);
-            agent
-                .store
-                .lock()
-                .expect("store lock")
-                .put_own(generation, snapshot.clone());
-            agent.publish_committed();
-            agent.handoff.notify_one();
-            write_durable(agent, generation, snapshot);
-            Ok(Message::PutAck { generation })
+        Message::Put { snapshot } => take_handoff(agent, snapshot, None),
+        Message::PutFd { len } => {
+            let fd = fd.ok_or_else(|| {
+                Error::Protocol("PutFd frame without a passed memfd descriptor".into())
+            })?;
+            let len = len as usize;
+            let padded_len = agent.cfg.layout.padded_len(len);
+            let padded =
+                tokio::task::spawn_blocking(move || handoff::map_padded(fd, len, padded_len))
+                    .await
+                    .map_err(|e| Error::Agent(format!("handoff mapper: {e}")))??;
+            take_handoff(agent, padded.slice(..len), Some(padded))
         }
         Message::Agree { timeout_ms } => {
             let agreement = agree(agent, Duration::from_millis(timeout_ms)).await?;
@@ -317,6 +386,28 @@ async fn handle_local(agent: &Arc<Agent>, msg: Message) -> Result<Message> {
     }
 }
 
+/// Keeps a handed-over snapshot as the newest own copy and wakes the commit pipeline.
+fn take_handoff(agent: &Arc<Agent>, snapshot: Bytes, padded: Option<Bytes>) -> Result<Message> {
+    let generation = manifest::peek(&snapshot)?.generation;
+    agent.metrics.snapshot_bytes.set(snapshot.len() as i64);
+    agent
+        .store
+        .lock()
+        .expect("store lock")
+        .put_own(generation, snapshot.clone(), padded);
+    agent.publish_committed();
+    agent.handoff.notify_one();
+    write_durable(agent, generation, snapshot);
+    let durable_every = match agent.cfg.durable {
+        Some(_) => agent.cfg.durable_every.max(1),
+        None => 0,
+    };
+    Ok(Message::PutAck {
+        generation,
+        durable_every,
+    })
+}
+
 fn kind_name(msg: &Message) -> String {
     let debug = format!("{msg:?}");
     debug
@@ -332,12 +423,12 @@ async fn commit_loop(agent: Arc<Agent>) {
     loop {
         let notified = agent.handoff.notified();
         let next = agent.store.lock().expect("store lock").next_to_commit();
-        let Some((generation, bytes)) = next else {
+        let Some((generation, copy)) = next else {
             notified.await;
             continue;
         };
         agent.committing.store(true, Ordering::SeqCst);
-        if let Err(e) = commit(&agent, generation, bytes).await {
+        if let Err(e) = commit(&agent, generation, copy).await {
             tracing::info!(generation, error = %e, "generation not committed");
         }
         agent.committing.store(false, Ordering::SeqCst);
@@ -345,38 +436,68 @@ async fn commit_loop(agent: Arc<Agent>) {
 }
 
 /// Encodes one generation, stores every shard on its holder, and commits once all acknowledged.
-async fn commit(agent: &Arc<Agent>, generation: u64, bytes: Bytes) -> Result<()> {
+/// Each shard is hashed and sent on its own, so hashing one overlaps sending another and the
+/// data shards (slices of the handoff) leave while the parity is still being computed.
+async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()> {
     let layout = agent.cfg.layout;
-    let original_len = bytes.len() as u64;
+    let original_len = copy.bytes.len();
+    let shard_len = layout.shard_len(original_len);
     let stripe = agent.cfg.stripe;
     let started = Instant::now();
-    let shards = tokio::task::spawn_blocking(move || codec::encode(layout, bytes, stripe))
-        .await
-        .map_err(|e| Error::Codec(format!("encoder thread: {e}")))??;
-    agent
-        .metrics
-        .encode_seconds
-        .observe(started.elapsed().as_secs_f64());
-    let sending = Instant::now();
-    let sends = shards.into_iter().map(|shard| {
+    let padded = match copy.padded {
+        Some(padded) => padded,
+        None => blocking("padding", move || codec::pad(layout, copy.bytes)).await?,
+    };
+    let send_one = |index: usize, data: Bytes| async move {
+        let (checksum, data) =
+            blocking("checksum", move || (codec::shard_checksum(&data), data)).await?;
         let header = ShardHeader {
             owner: agent.rank(),
             generation,
-            index: shard.index as u32,
+            index: index as u32,
             data_shards: layout.data_shards as u16,
             parity_shards: layout.parity_shards as u16,
-            original_len,
-            checksum: shard.checksum,
+            original_len: original_len as u64,
+            checksum,
         };
-        store_shard(agent, header, shard.data)
-    });
-    for result in join_all(sends).await {
+        store_shard(agent, header, data).await
+    };
+    let data_sends = join_all(
+        (0..layout.data_shards)
+            .map(|i| send_one(i, padded.slice(i * shard_len..(i + 1) * shard_len))),
+    );
+    let parity_sends = async {
+        let input = padded.clone();
+        let pool = agent.pool.clone();
+        let parity = blocking("encoder", move || {
+            let mut parity: Vec<Vec<u8>> = (0..layout.parity_shards)
+                .map(|_| pool.take(shard_len))
+                .collect();
+            codec::encode_parity_into(layout, &input, shard_len, stripe, &mut parity)?;
+            Ok::<_, Error>(
+                parity
+                    .into_iter()
+                    .map(|p| pool.share(p))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await??;
+        agent
+            .metrics
+            .encode_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let sends = parity
+            .into_iter()
+            .enumerate()
+            .map(|(j, p)| send_one(layout.data_shards + j, p));
+        Ok::<_, Error>(join_all(sends).await)
+    };
+    let (data_sent, parity_sent) = futures::join!(data_sends, parity_sends);
+    for result in data_sent.into_iter().chain(parity_sent?) {
         result?;
     }
-    agent
-        .metrics
-        .send_seconds
-        .observe(sending.elapsed().as_secs_f64());
+    let send_s = started.elapsed().as_secs_f64();
+    agent.metrics.send_seconds.observe(send_s);
     if !agent
         .store
         .lock()
@@ -387,11 +508,28 @@ async fn commit(agent: &Arc<Agent>, generation: u64, bytes: Bytes) -> Result<()>
             "generation {generation} was replaced while sending"
         )));
     }
+    let announcing = Instant::now();
     announce_commit(agent, generation).await;
+    tracing::debug!(
+        generation,
+        encode_and_send_ms = send_s * 1e3,
+        announce_ms = announcing.elapsed().as_secs_f64() * 1e3,
+        "committed"
+    );
     agent.metrics.generations_committed.inc();
     agent.metrics.committed_generation.set(generation as i64);
     agent.publish_committed();
     Ok(())
+}
+
+/// Runs CPU-heavy work (hashing, Reed–Solomon) off the async workers.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Agent(format!("{what} thread: {e}")))
 }
 
 /// Sends one shard to its holder until acknowledged, or gives up once a newer handoff makes
@@ -657,7 +795,8 @@ async fn rebuild_from_peers(agent: &Arc<Agent>, generation: u64) -> Result<Bytes
                 && header.data_shards as usize == layout.data_shards
                 && header.parity_shards as usize == layout.parity_shards
                 && original_len.is_none_or(|l| l == header.original_len);
-            if fits && codec::shard_checksum(&data) == header.checksum {
+            // The digest is checked by `codec::decode` (remote shards also on receipt).
+            if fits {
                 original_len = Some(header.original_len);
                 shards.push(Shard {
                     index: header.index as usize,
@@ -731,7 +870,7 @@ async fn accept_peers(agent: Arc<Agent>, listener: TcpListener) -> Result<()> {
 }
 
 async fn serve_peer(agent: Arc<Agent>, stream: TcpStream) {
-    let mut conn = Conn::new(stream, agent.cfg.max_frame);
+    let mut conn = Conn::new(stream, agent.cfg.max_frame).with_pool(agent.pool.clone());
     let handshake = auth::accept(&mut conn, &agent.cfg.secret, &agent.cfg.job);
     let peer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(rank)) if (rank as usize) < agent.cfg.world_size => rank,
@@ -758,6 +897,19 @@ async fn serve_peer(agent: Arc<Agent>, stream: TcpStream) {
         let msg = match conn.recv().await {
             Ok(msg) => msg,
             Err(Error::Protocol(m)) if m.contains("closed mid-frame") => return,
+            Err(e @ Error::Checksum { .. }) => {
+                // A whole, authenticated frame whose shard bytes miss their digest: the link
+                // is intact, only this shard is refused.
+                agent.metrics.rejected("content");
+                tracing::warn!(peer, error = %e, "corrupted shard from a peer");
+                let reply = Message::Error {
+                    message: e.to_string(),
+                };
+                if conn.send(&reply).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Err(e) => {
                 // The link's sequence is broken after a bad frame: answer, then close.
                 agent.metrics.rejected(if matches!(e, Error::Auth(_)) {
@@ -849,7 +1001,7 @@ fn check_owner(peer: u32, owner: u32) -> Result<()> {
 }
 
 /// A shard is stored only if it is the one this agent should hold, of the job's layout, with
-/// the length its header implies and bytes matching its checksum.
+/// the length its header implies (its bytes were checked against its digest on receipt).
 fn check_shard(agent: &Agent, peer: u32, header: &ShardHeader, data: &[u8]) -> Result<()> {
     check_owner(peer, header.owner)?;
     let layout = agent.cfg.layout;
@@ -878,14 +1030,7 @@ fn check_shard(agent: &Agent, peer: u32, header: &ShardHeader, data: &[u8]) -> R
             header.original_len
         )));
     }
-    if codec::shard_checksum(data) != header.checksum {
-        return Err(Error::Checksum {
-            part: format!(
-                "shard {} of rank {} generation {}",
-                header.index, header.owner, header.generation
-            ),
-        });
-    }
+    // The bytes matched `header.checksum` as they arrived (`Conn::recv` hashes bound payloads).
     Ok(())
 }
 

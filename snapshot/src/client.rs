@@ -1,9 +1,10 @@
 //! The trainer's side: `put` hands a snapshot to a background thread and returns at once; the
 //! thread serialises it and sends it to the local agent. Agreement and restore are plain calls.
 //!
-//! The handoff is a move into a one-slot mailbox (newest wins), so the training step never waits
-//! on serialisation, the socket or the agent; bench/snapshot measures it against shared memory.
+//! The handoff is a move into an outbox (newest wins, see `mailbox`), so the training step never
+//! waits on serialisation, the memfd or the agent; bench/snapshot measures the stall.
 
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -11,6 +12,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::agreement::Agreement;
+use crate::handoff;
+use crate::mailbox::Outbox;
 use crate::manifest::Snapshot;
 use crate::protocol::{self, Message};
 use crate::{Error, Result};
@@ -42,7 +45,7 @@ impl Tier {
 
 #[derive(Default)]
 struct Mailbox {
-    pending: Option<Snapshot>,
+    outbox: Outbox,
     sending: bool,
     closed: bool,
     last_acked: Option<u64>,
@@ -69,7 +72,10 @@ impl SnapshotClient {
             let (socket, shared) = (socket.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("petl-snapshot-send".into())
-                .spawn(move || send_loop(&socket, &shared))
+                .spawn(move || {
+                    yield_to_the_trainer();
+                    send_loop(&socket, &shared)
+                })
                 .expect("spawning the snapshot sender thread")
         };
         SnapshotClient {
@@ -80,16 +86,16 @@ impl SnapshotClient {
     }
 
     /// Hands a snapshot over and returns without waiting. A snapshot still waiting when the
-    /// next arrives is replaced by it (the agent only ever needs the newest).
+    /// next arrives is replaced by it (the agent only ever needs the newest), unless it is the
+    /// first of a durable span, which every rank delivers (see `mailbox`).
     pub fn put(&self, snapshot: Snapshot) {
         let (lock, cv) = &*self.shared;
         let idle = {
             let mut mailbox = lock.lock().expect("mailbox lock");
-            if let Some(old) = mailbox.pending.replace(snapshot) {
-                mailbox.superseded += 1;
-                // Freeing tens of MiB (munmap) is left to the sender thread, not the step.
-                mailbox.discarded.push(old);
-            }
+            let replaced = mailbox.outbox.put(snapshot);
+            mailbox.superseded += replaced.len() as u64;
+            // Freeing tens of MiB (munmap) is left to the sender thread, not the step.
+            mailbox.discarded.extend(replaced);
             !mailbox.sending
         };
         // A busy sender looks at the mailbox when it finishes; waking it only when idle spares
@@ -110,7 +116,7 @@ impl SnapshotClient {
         let (lock, cv) = &*self.shared;
         let deadline = Instant::now() + timeout;
         let mut mailbox = lock.lock().expect("mailbox lock");
-        while mailbox.pending.is_some() || mailbox.sending {
+        while !mailbox.outbox.is_empty() || mailbox.sending {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Error::Agent(format!(
@@ -238,13 +244,24 @@ fn unexpected(msg: &Message) -> Error {
     ))
 }
 
+/// Nice level of the sender thread: woken by `put`, it must not take the CPU from the training
+/// step that woke it (the step would stall for a whole time slice of hashing and copying).
+const SENDER_NICE: i32 = 10;
+
+fn yield_to_the_trainer() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), SENDER_NICE) {
+        tracing::debug!(error = %e, "could not lower the snapshot sender's priority");
+    }
+}
+
 fn send_loop(socket: &Path, shared: &Shared) {
     let (lock, cv) = &**shared;
     let mut stream: Option<UnixStream> = None;
     loop {
         let (snapshot, discarded) = {
             let mut mailbox = lock.lock().expect("mailbox lock");
-            while mailbox.pending.is_none() && !mailbox.closed {
+            while mailbox.outbox.is_empty() && !mailbox.closed {
                 mailbox = cv.wait(mailbox).expect("mailbox lock");
             }
             if mailbox.closed {
@@ -252,7 +269,7 @@ fn send_loop(socket: &Path, shared: &Shared) {
             }
             mailbox.sending = true;
             let discarded = std::mem::take(&mut mailbox.discarded);
-            (mailbox.pending.take().expect("pending"), discarded)
+            (mailbox.outbox.take().expect("waiting"), discarded)
         };
         drop(discarded);
         let outcome = hand_over(socket, &mut stream, &snapshot);
@@ -260,7 +277,8 @@ fn send_loop(socket: &Path, shared: &Shared) {
         let mut mailbox = lock.lock().expect("mailbox lock");
         mailbox.sending = false;
         match outcome {
-            Ok(generation) => {
+            Ok((generation, durable_every)) => {
+                mailbox.outbox.learn_durable_every(durable_every);
                 mailbox.last_acked = Some(generation);
                 mailbox.last_error = None;
             }
@@ -274,9 +292,24 @@ fn send_loop(socket: &Path, shared: &Shared) {
 }
 
 /// Serialises and sends one snapshot; retries a few times while the agent (re)starts.
-fn hand_over(socket: &Path, stream: &mut Option<UnixStream>, snapshot: &Snapshot) -> Result<u64> {
+/// Returns the acknowledged generation and the agent's durable interval.
+fn hand_over(
+    socket: &Path,
+    stream: &mut Option<UnixStream>,
+    snapshot: &Snapshot,
+) -> Result<(u64, u64)> {
     let (head, parts) = snapshot.encode_parts()?;
     let pieces: Vec<&[u8]> = std::iter::once(&head[..]).chain(parts).collect();
+    let len: usize = pieces.iter().map(|p| p.len()).sum();
+    // The memfd is written once and reused by every retry; without memfds (an old kernel) the
+    // bytes go through the socket instead.
+    let memfd = match handoff::write_sealed(&pieces) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(error = %e, "memfd handoff unavailable, sending through the socket");
+            None
+        }
+    };
     let mut last = None;
     for attempt in 0..20u32 {
         if attempt > 0 {
@@ -289,9 +322,15 @@ fn hand_over(socket: &Path, stream: &mut Option<UnixStream>, snapshot: &Snapshot
                 *stream = Some(s);
             }
             let s = stream.as_mut().expect("connected");
-            protocol::send_put_blocking(s, &pieces)?;
+            match &memfd {
+                Some(fd) => protocol::send_put_fd_blocking(s, len as u64, fd.as_fd())?,
+                None => protocol::send_put_blocking(s, &pieces)?,
+            }
             match protocol::recv_blocking(s, 1 << 20)? {
-                Message::PutAck { generation } => Ok(generation),
+                Message::PutAck {
+                    generation,
+                    durable_every,
+                } => Ok((generation, durable_every)),
                 Message::Error { message } => Err(Error::Agent(message)),
                 other => Err(unexpected(&other)),
             }

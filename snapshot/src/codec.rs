@@ -2,8 +2,9 @@
 //! snapshot, m parity shards are computed stripe by stripe so the working set stays in cache.
 //!
 //! The engine is `reed-solomon-simd` (pure Rust, runtime SIMD); bench/snapshot compares it with
-//! `reed-solomon-erasure` and memcpy. Each shard carries an XXH3-128 checksum so a corrupted
-//! shard is recognised and skipped, never decoded.
+//! `reed-solomon-erasure` and memcpy. Each shard carries a BLAKE3 checksum so a corrupted
+//! shard is recognised and skipped, never decoded; on the wire the same digest binds the shard
+//! to the frame MAC (see `protocol`).
 
 use bytes::Bytes;
 use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
@@ -60,21 +61,20 @@ impl Layout {
 #[derive(Clone, Debug)]
 pub struct Shard {
     pub index: usize,
-    pub checksum: u128,
+    pub checksum: [u8; 32],
     pub data: Bytes,
 }
 
 /// Checksum of a shard's bytes.
-pub fn shard_checksum(data: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(data)
+pub fn shard_checksum(data: &[u8]) -> [u8; 32] {
+    blake3::hash(data).into()
 }
 
 /// Splits `original` into k data + m parity shards. The data shards share the padded buffer
 /// (no copy); parity is computed in stripes of `stripe` bytes per shard.
 pub fn encode(layout: Layout, original: Bytes, stripe: usize) -> Result<Vec<Shard>> {
     let shard_len = layout.shard_len(original.len());
-    let padded_len = layout.padded_len(original.len());
-    let padded = pad(original, padded_len);
+    let padded = pad(layout, original);
     let parity = encode_parity(layout, &padded, shard_len, stripe)?;
     let data = (0..layout.data_shards).map(|i| padded.slice(i * shard_len..(i + 1) * shard_len));
     Ok(data
@@ -88,7 +88,9 @@ pub fn encode(layout: Layout, original: Bytes, stripe: usize) -> Result<Vec<Shar
         .collect())
 }
 
-fn pad(original: Bytes, padded_len: usize) -> Bytes {
+/// The original followed by zeros to k whole shards; no copy when it is that long already.
+pub fn pad(layout: Layout, original: Bytes) -> Bytes {
+    let padded_len = layout.padded_len(original.len());
     if original.len() == padded_len {
         return original;
     }
@@ -112,8 +114,32 @@ pub fn encode_parity(
             padded.len()
         )));
     }
+    let mut parity: Vec<Vec<u8>> = (0..m).map(|_| vec![0u8; shard_len]).collect();
+    encode_parity_into(layout, padded, shard_len, stripe, &mut parity)?;
+    Ok(parity)
+}
+
+/// As [`encode_parity`], into m caller-provided buffers of `shard_len` bytes each (recycled
+/// ones, whose pages are already mapped).
+pub fn encode_parity_into(
+    layout: Layout,
+    padded: &[u8],
+    shard_len: usize,
+    stripe: usize,
+    parity: &mut [Vec<u8>],
+) -> Result<()> {
+    let (k, m) = (layout.data_shards, layout.parity_shards);
+    if padded.len() != k * shard_len
+        || !shard_len.is_multiple_of(2)
+        || parity.len() != m
+        || parity.iter().any(|p| p.len() != shard_len)
+    {
+        return Err(Error::Codec(format!(
+            "buffer of {} bytes is not {k} shards of an even {shard_len} bytes, or not {m} parity buffers of that length",
+            padded.len()
+        )));
+    }
     let stripe = stripe_len(stripe, shard_len);
-    let mut parity = vec![vec![0u8; shard_len]; m];
     let mut encoder = ReedSolomonEncoder::new(k, m, stripe).map_err(codec_err)?;
     let mut off = 0;
     while off < shard_len {
@@ -131,7 +157,7 @@ pub fn encode_parity(
         }
         off += len;
     }
-    Ok(parity)
+    Ok(())
 }
 
 /// Rebuilds the original `original_len` bytes from any k intact shards. Shards whose checksum

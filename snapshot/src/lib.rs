@@ -2,10 +2,11 @@
 //! agent (sidecar) that keeps a copy, spreads Reed–Solomon shards to peers and recovers in tiers.
 //!
 //! The pieces, in data-flow order: [`manifest`] (what a snapshot is and its checksums),
-//! [`client`] (the trainer's side), [`agent`] (the sidecar), [`codec`] (striped Reed–Solomon),
+//! [`client`] (the trainer's side) with its [`mailbox`] (which handoffs are sent), [`handoff`]
+//! (the sealed memfd it passes), [`agent`] (the sidecar), [`codec`] (striped Reed–Solomon),
 //! [`placement`] (which rank holds which shard), [`protocol`] and [`auth`] (frames on the wire),
-//! [`store`] (shards and copies in memory), [`agreement`] (the generation every rank resumes from),
-//! [`durable`] (the fallback on a volume), [`metrics`].
+//! [`pool`] (recycled shard buffers), [`store`] (shards and copies in memory), [`agreement`] (the
+//! generation every rank resumes from), [`durable`] (the fallback on a volume), [`metrics`].
 //!
 //! The trainer's whole use of the crate:
 //!
@@ -35,9 +36,12 @@ pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod durable;
+pub mod handoff;
+pub mod mailbox;
 pub mod manifest;
 pub mod metrics;
 pub mod placement;
+pub mod pool;
 pub mod protocol;
 pub mod store;
 

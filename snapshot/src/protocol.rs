@@ -5,17 +5,20 @@
 //! direction sequence number, so truncated, garbage, replayed or flipped frames are errors.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::agreement::Agreement;
+use crate::pool::{BufferPool, MIN_POOLED};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"PSNF";
 /// Bumped on any change of the header or of a body layout.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 const HEADER_LEN: usize = 16;
 const MAC_LEN: usize = 32;
 const FLAG_MAC: u16 = 1;
@@ -31,10 +34,24 @@ pub struct ShardHeader {
     pub data_shards: u16,
     pub parity_shards: u16,
     pub original_len: u64,
-    pub checksum: u128,
+    /// BLAKE3 of the shard's bytes: checked at rest, and on the wire it binds the payload to
+    /// the frame MAC, which then covers only the header.
+    pub checksum: [u8; 32],
 }
 
-const SHARD_HEADER_LEN: usize = 4 + 8 + 4 + 2 + 2 + 8 + 16;
+const SHARD_HEADER_LEN: usize = 4 + 8 + 4 + 2 + 2 + 8 + 32;
+
+/// Frames whose payload is bound by the BLAKE3 digest in their leading part: the MAC covers the
+/// frame header and that leading part, and the receiver hashes the payload against the digest
+/// as it arrives. A shard is thus hashed once when encoded and once per receipt, never again
+/// for a MAC. Returns the length of the leading part.
+fn bound_payload(kind: u8) -> Option<usize> {
+    matches!(kind, 4 | 8).then_some(SHARD_HEADER_LEN)
+}
+
+/// Bytes read from the socket per step while hashing: large enough for few syscalls and full
+/// SIMD batches, small enough that what was just read is still in cache when hashed.
+const READ_CHUNK: usize = 1 << 20;
 
 /// What one agent holds, as reported to a peer that computes the agreement.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,8 +115,15 @@ pub enum Message {
     Put {
         snapshot: Bytes,
     },
+    /// A snapshot of `len` bytes in a sealed memfd passed alongside the frame (see `handoff`).
+    PutFd {
+        len: u64,
+    },
     PutAck {
         generation: u64,
+        /// The agent's durable interval (0: no durable store), so the trainer's mailbox knows
+        /// which handoffs every rank must deliver (see `client`).
+        durable_every: u64,
     },
     Agree {
         timeout_ms: u64,
@@ -146,6 +170,7 @@ impl Message {
             Message::Restored { .. } => 25,
             Message::WaitCommitted { .. } => 26,
             Message::Committed { .. } => 27,
+            Message::PutFd { .. } => 28,
         }
     }
 
@@ -201,8 +226,16 @@ impl Message {
                 None
             }
             Message::Put { snapshot } => Some(snapshot.clone()),
-            Message::PutAck { generation } => {
+            Message::PutAck {
+                generation,
+                durable_every,
+            } => {
                 w.extend_from_slice(&generation.to_le_bytes());
+                w.extend_from_slice(&durable_every.to_le_bytes());
+                None
+            }
+            Message::PutFd { len } => {
+                w.extend_from_slice(&len.to_le_bytes());
                 None
             }
             Message::Agree { timeout_ms } => {
@@ -282,8 +315,10 @@ impl Message {
                 message: String::from_utf8_lossy(&r.rest()).into_owned(),
             },
             20 => Message::Put { snapshot: r.rest() },
+            28 => Message::PutFd { len: r.u64("len")? },
             21 => Message::PutAck {
                 generation: r.u64("generation")?,
+                durable_every: r.u64("durable_every")?,
             },
             22 => Message::Agree {
                 timeout_ms: r.u64("timeout_ms")?,
@@ -332,7 +367,7 @@ fn put_shard_header(w: &mut Vec<u8>, h: &ShardHeader) {
     w.extend_from_slice(&h.data_shards.to_le_bytes());
     w.extend_from_slice(&h.parity_shards.to_le_bytes());
     w.extend_from_slice(&h.original_len.to_le_bytes());
-    w.extend_from_slice(&h.checksum.to_le_bytes());
+    w.extend_from_slice(&h.checksum);
 }
 
 /// Reads fields off a body; running short names the field that was cut.
@@ -364,11 +399,6 @@ impl BodyReader {
     fn u64(&mut self, f: &str) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8, f)?.try_into().expect("8")))
     }
-    fn u128(&mut self, f: &str) -> Result<u128> {
-        Ok(u128::from_le_bytes(
-            self.take(16, f)?.try_into().expect("16"),
-        ))
-    }
     fn array(&mut self, f: &str) -> Result<[u8; 32]> {
         Ok(self.take(32, f)?.try_into().expect("32"))
     }
@@ -388,7 +418,7 @@ impl BodyReader {
             data_shards: self.u16("data_shards")?,
             parity_shards: self.u16("parity_shards")?,
             original_len: self.u64("original_len")?,
-            checksum: self.u128("checksum")?,
+            checksum: self.array("checksum")?,
         })
     }
     fn rest(&mut self) -> Bytes {
@@ -491,6 +521,7 @@ pub struct Conn<S> {
     send_seq: u64,
     recv_seq: u64,
     max_body: usize,
+    pool: Option<Arc<BufferPool>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -501,7 +532,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             send_seq: 0,
             recv_seq: 0,
             max_body,
+            pool: None,
         }
+    }
+
+    /// Receives large bodies into recycled buffers of `pool`.
+    pub fn with_pool(mut self, pool: Arc<BufferPool>) -> Conn<S> {
+        self.pool = Some(pool);
+        self
     }
 
     /// The underlying stream, for writing raw bytes (tests of malformed input).
@@ -517,31 +555,66 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub async fn send(&mut self, msg: &Message) -> Result<()> {
         let (small, payload) = msg.body();
         let payload = payload.unwrap_or_default();
-        let header = make_header(msg.kind(), self.keys.is_some(), small.len() + payload.len());
-        self.stream.write_all(&header).await?;
-        self.stream.write_all(&small).await?;
-        self.stream.write_all(&payload).await?;
-        if let Some(keys) = &self.keys {
-            let tag = mac(&keys.send, self.send_seq, &header, &[&small, &payload]);
-            self.stream.write_all(&tag).await?;
-        }
+        let kind = msg.kind();
+        let header = make_header(kind, self.keys.is_some(), small.len() + payload.len());
+        let tag = self.keys.as_ref().map(|keys| {
+            let covered: &[&[u8]] = if bound_payload(kind).is_some() {
+                &[&small]
+            } else {
+                &[&small, &payload]
+            };
+            mac(&keys.send, self.send_seq, &header, covered)
+        });
+        let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
+        write_all_vectored(&mut self.stream, &[&header, &small, &payload, tag]).await?;
         self.send_seq += 1;
         self.stream.flush().await?;
         Ok(())
     }
 
     /// Receives one frame whose body may be at most `limit` bytes (and at most the link's limit).
+    /// The body is hashed while it arrives, chunk by chunk, so it is read from memory once.
     pub async fn recv_limited(&mut self, limit: usize) -> Result<Message> {
         let mut raw = [0u8; HEADER_LEN];
         self.stream.read_exact(&mut raw).await.map_err(truncated)?;
         let header = parse_header(&raw, self.keys.is_some(), limit.min(self.max_body))?;
-        let mut body = vec![0u8; header.len];
-        self.stream.read_exact(&mut body).await.map_err(truncated)?;
-        if let Some(keys) = &self.keys {
+        let bound = bound_payload(header.kind).map(|lead| lead.min(header.len));
+        let mut frame_mac = self.keys.as_ref().map(|keys| {
+            let mut h = blake3::Hasher::new_keyed(&keys.recv);
+            h.update(&self.recv_seq.to_le_bytes());
+            h.update(&raw);
+            h
+        });
+        let mut payload_hash = bound.map(|_| blake3::Hasher::new());
+        let covered_by_mac = bound.unwrap_or(header.len);
+        // A recycled buffer's pages are already mapped; a fresh one (calloc) is zero-mapped
+        // lazily, so neither costs a pass before the kernel copies into it.
+        let mut body = match &self.pool {
+            Some(pool) if header.len >= MIN_POOLED => pool.take(header.len),
+            _ => vec![0u8; header.len],
+        };
+        let mut got = 0;
+        while got < header.len {
+            let before = got;
+            let want = (header.len - before).min(READ_CHUNK);
+            let n = self.stream.read(&mut body[before..before + want]).await?;
+            if n == 0 {
+                return Err(truncated(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            got += n;
+            let fresh = &body[before..got];
+            let split = covered_by_mac.clamp(before, before + n) - before;
+            if let Some(h) = frame_mac.as_mut() {
+                h.update(&fresh[..split]);
+            }
+            if let Some(h) = payload_hash.as_mut() {
+                h.update(&fresh[split..]);
+            }
+        }
+        if let Some(h) = frame_mac {
             let mut tag = [0u8; MAC_LEN];
             self.stream.read_exact(&mut tag).await.map_err(truncated)?;
-            let expected = mac(&keys.recv, self.recv_seq, &raw, &[&body]);
-            if !constant_time_eq(&tag, &expected) {
+            if !constant_time_eq(&tag, h.finalize().as_bytes()) {
                 return Err(Error::Auth(
                     "frame MAC mismatch: altered, replayed or from another job".into(),
                 ));
@@ -549,7 +622,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         debug_assert!(header.flags & !FLAG_MAC == 0);
         self.recv_seq += 1;
-        Message::decode(header.kind, Bytes::from(body))
+        let body = match &self.pool {
+            Some(pool) => pool.share(body),
+            None => Bytes::from(body),
+        };
+        let msg = Message::decode(header.kind, body)?;
+        if let (Some(h), Message::StoreShard { header, .. } | Message::Shard { header, .. }) =
+            (payload_hash, &msg)
+            && h.finalize().as_bytes() != &header.checksum
+        {
+            return Err(Error::Checksum {
+                part: format!(
+                    "shard {} of rank {} generation {} as received",
+                    header.index, header.owner, header.generation
+                ),
+            });
+        }
+        Ok(msg)
     }
 
     pub async fn recv(&mut self) -> Result<Message> {
@@ -564,6 +653,104 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             reply => Ok(reply),
         }
     }
+}
+
+impl Conn<tokio::net::UnixStream> {
+    /// Receives one frame from the trainer together with the descriptor passed with it, if
+    /// any. The header is read with `recvmsg` because a descriptor rides on its first bytes
+    /// and a plain read would drop it.
+    pub async fn recv_local(&mut self) -> Result<(Message, Option<OwnedFd>)> {
+        debug_assert!(self.keys.is_none(), "the local socket is not keyed");
+        let mut raw = [0u8; HEADER_LEN];
+        let mut got = 0;
+        let mut fd = None;
+        while got < HEADER_LEN {
+            let (n, passed) = self
+                .stream
+                .async_io(tokio::io::Interest::READABLE, || {
+                    recv_with_fd(&self.stream, &mut raw[got..])
+                })
+                .await?;
+            if n == 0 {
+                return Err(truncated(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            got += n;
+            fd = fd.or(passed);
+        }
+        let header = parse_header(&raw, false, self.max_body)?;
+        let mut body = vec![0u8; header.len];
+        self.stream.read_exact(&mut body).await.map_err(truncated)?;
+        self.recv_seq += 1;
+        Ok((Message::decode(header.kind, Bytes::from(body))?, fd))
+    }
+}
+
+fn recv_with_fd(stream: &impl AsFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        stream,
+        &mut [std::io::IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fd = None;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = msg {
+            // Extra descriptors are closed as they drop; only the first is the handoff.
+            for passed in fds {
+                fd = fd.or(Some(passed));
+            }
+        }
+    }
+    Ok((got.bytes, fd))
+}
+
+/// Sends a `PutFd` frame with the memfd holding the snapshot (the trainer's side).
+pub fn send_put_fd_blocking(
+    stream: &std::os::unix::net::UnixStream,
+    len: u64,
+    fd: BorrowedFd<'_>,
+) -> Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let msg = Message::PutFd { len };
+    let (small, _) = msg.body();
+    let mut frame = make_header(msg.kind(), false, small.len()).to_vec();
+    frame.extend_from_slice(&small);
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let sent = rustix::net::sendmsg(
+        stream,
+        &[std::io::IoSlice::new(&frame)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .map_err(std::io::Error::from)?;
+    // The descriptor rode on the first byte; a short send finishes as plain bytes.
+    let mut plain = stream;
+    plain.write_all(&frame[sent..])?;
+    Ok(())
+}
+
+/// Writes every piece with as few syscalls as the socket allows, without joining them.
+async fn write_all_vectored<S: AsyncWrite + Unpin>(stream: &mut S, pieces: &[&[u8]]) -> Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> = pieces
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| std::io::IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = stream.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(Error::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -619,7 +806,7 @@ mod tests {
             data_shards: 2,
             parity_shards: 1,
             original_len: 1000,
-            checksum: 0xdead_beef,
+            checksum: crate::codec::shard_checksum(b"abcdef"),
         }
     }
 
@@ -677,8 +864,10 @@ mod tests {
             true,
             small.len() + payload.as_ref().unwrap().len(),
         );
-        let tag = mac(&keys.send, 0, &header, &[&small, payload.as_ref().unwrap()]);
+        // A shard's MAC covers its header, whose digest binds the payload.
+        let tag = mac(&keys.send, 0, &header, &[&small]);
         let frame = [&header[..], &small, payload.as_ref().unwrap(), &tag].concat();
+        let payload_at = HEADER_LEN + small.len()..HEADER_LEN + small.len() + 6;
         for i in 0..frame.len() {
             let mut bad = frame.clone();
             bad[i] ^= 0x10;
@@ -687,8 +876,23 @@ mod tests {
             rx.authenticate(keys.clone());
             a.write_all(&bad).await.unwrap();
             drop(a);
-            assert!(rx.recv().await.is_err(), "flip at byte {i} accepted");
+            let err = rx
+                .recv()
+                .await
+                .expect_err(&format!("flip at byte {i} accepted"));
+            if payload_at.contains(&i) {
+                assert!(matches!(err, Error::Checksum { .. }), "byte {i}: {err}");
+            }
         }
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut rx = Conn::new(b, 1 << 20);
+        rx.authenticate(keys.clone());
+        a.write_all(&frame).await.unwrap();
+        assert_eq!(
+            &rx.recv().await.unwrap(),
+            msg,
+            "the hand-built frame is valid"
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,8 @@ pub const KEEP_COMMITTED: usize = 2;
 #[derive(Clone, Debug)]
 pub struct OwnCopy {
     pub bytes: Bytes,
+    /// `bytes` followed by zeros to the layout's padded length, when the handoff came that way.
+    pub padded: Option<Bytes>,
     pub committed: bool,
 }
 
@@ -36,12 +38,13 @@ pub struct Store {
 impl Store {
     /// A new handoff from the trainer. Generations at or past it belong to a timeline the trainer
     /// rolled back from, so they go.
-    pub fn put_own(&mut self, generation: u64, bytes: Bytes) {
+    pub fn put_own(&mut self, generation: u64, bytes: Bytes, padded: Option<Bytes>) {
         self.own.retain(|&g, _| g < generation);
         self.own.insert(
             generation,
             OwnCopy {
                 bytes,
+                padded,
                 committed: false,
             },
         );
@@ -54,6 +57,7 @@ impl Store {
             generation,
             OwnCopy {
                 bytes,
+                padded: None,
                 committed: true,
             },
         );
@@ -89,9 +93,9 @@ impl Store {
 
     /// The generation the commit pipeline should work on next: the newest handoff, when it is
     /// newer than everything committed (intermediate ones are skipped, not queued).
-    pub fn next_to_commit(&self) -> Option<(u64, Bytes)> {
+    pub fn next_to_commit(&self) -> Option<(u64, OwnCopy)> {
         let (&g, copy) = self.own.iter().next_back()?;
-        (!copy.committed).then(|| (g, copy.bytes.clone()))
+        (!copy.committed).then(|| (g, copy.clone()))
     }
 
     /// Stores a shard for its owner, replacing the same generation and dropping newer ones of a
@@ -205,7 +209,7 @@ mod tests {
             data_shards: 2,
             parity_shards: 1,
             original_len: 4,
-            checksum: 0,
+            checksum: [0; 32],
         }
     }
 
@@ -213,10 +217,10 @@ mod tests {
     fn keeps_the_last_two_committed_generations_and_newer_pending() {
         let mut s = Store::default();
         for g in 1..=4 {
-            s.put_own(g, Bytes::from_static(b"x"));
+            s.put_own(g, Bytes::from_static(b"x"), None);
             assert!(s.commit_own(g));
         }
-        s.put_own(5, Bytes::from_static(b"y"));
+        s.put_own(5, Bytes::from_static(b"y"), None);
         let own: Vec<_> = s.status(0).own;
         assert_eq!(own, vec![(3, true), (4, true), (5, false)]);
         assert_eq!(s.next_to_commit().unwrap().0, 5);

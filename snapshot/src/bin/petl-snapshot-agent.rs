@@ -11,6 +11,7 @@ use petl_snapshot::agent::{self, AgentConfig, PeerList};
 use petl_snapshot::auth::Secret;
 use petl_snapshot::codec::{DEFAULT_STRIPE, Layout};
 use petl_snapshot::durable::{DirStore, DurableStore};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// In-memory erasure-coded snapshot agent of one rank.
 #[derive(Parser, Debug)]
@@ -98,7 +99,15 @@ fn main() -> ExitCode {
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(agent::run(cfg))
+            .block_on(async {
+                // Registered before serving, so a SIGTERM at any point after start is a clean stop.
+                let mut term = signal(SignalKind::terminate())?;
+                let stop = async move {
+                    term.recv().await;
+                    tracing::info!("SIGTERM: finishing the in-flight commit and durable write");
+                };
+                agent::run_until(cfg, stop).await
+            })
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

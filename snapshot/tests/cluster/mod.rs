@@ -119,6 +119,17 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM, as Kubernetes stops a pod; waits for the agent to exit and returns its status.
+    pub fn terminate_agent(&mut self, rank: usize) -> std::process::ExitStatus {
+        let mut child = self.agents[rank].take().expect("agent running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM failed");
+        child.wait().expect("waiting for the agent")
+    }
+
     /// A replacement pod: a fresh agent with the same rank identity and empty memory.
     pub fn replace_agent(&mut self, rank: usize) {
         self.kill_agent(rank);
