@@ -23,6 +23,9 @@ struct Args {
     /// Only the codec section.
     #[arg(long)]
     codec_only: bool,
+    /// Only the end-to-end section (agents, handoff, commit, recovery).
+    #[arg(long, conflicts_with = "codec_only")]
+    end_to_end_only: bool,
     /// The agent binary (default: next to this executable).
     #[arg(long)]
     agent_bin: Option<PathBuf>,
@@ -32,12 +35,17 @@ struct Args {
     /// Bytes per shard encoded at once.
     #[arg(long, default_value_t = DEFAULT_STRIPE)]
     stripe: usize,
+    /// Back-to-back puts timed for the stall distribution.
+    #[arg(long, default_value_t = 100)]
+    puts: usize,
 }
 
 fn main() {
     let args = Args::parse();
     println!("# petl snapshot bench — load average before: {}", loadavg());
-    codec_section(&args);
+    if !args.end_to_end_only {
+        codec_section(&args);
+    }
     if !args.codec_only {
         end_to_end_section(&args);
     }
@@ -249,7 +257,10 @@ impl Agents {
         let _ = std::fs::remove_file(self.socket(rank));
         let child = Command::new(&self.bin)
             .args(&self.args[rank])
-            .env("RUST_LOG", "error")
+            .env(
+                "RUST_LOG",
+                std::env::var("PETL_BENCH_AGENT_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("spawning petl-snapshot-agent; build it with cargo build --release -p petl-snapshot");
@@ -293,6 +304,61 @@ fn state(generation: u64, bytes: usize, rank: usize) -> Snapshot {
         rng_state: vec![rank as u8; 32],
         data_cursor: b"offset=0".to_vec(),
     }
+}
+
+/// Seconds to push `streams` × `len` bytes through loopback TCP at once, one sender and one
+/// receiver thread per stream, into buffers already touched: the floor for moving shards.
+fn loopback_tcp(len: usize, streams: usize) -> f64 {
+    use std::io::Read;
+    let payload = std::sync::Arc::new(random_bytes(len));
+    let mut sinks = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..streams {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        sinks.push(std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = vec![1u8; len];
+            let mut rounds = Vec::new();
+            loop {
+                let t = Instant::now();
+                if s.read_exact(&mut buf).is_err() {
+                    return rounds;
+                }
+                rounds.push(t);
+                s.write_all(&[1]).unwrap();
+            }
+        }));
+    }
+    let mut links: Vec<std::net::TcpStream> = addrs
+        .iter()
+        .map(|a| {
+            let s = std::net::TcpStream::connect(a).unwrap();
+            s.set_nodelay(true).unwrap();
+            s
+        })
+        .collect();
+    let once = |links: &mut Vec<std::net::TcpStream>| {
+        let t = Instant::now();
+        std::thread::scope(|scope| {
+            for link in links.iter_mut() {
+                let payload = payload.clone();
+                scope.spawn(move || {
+                    link.write_all(&payload).unwrap();
+                    let mut ack = [0u8; 1];
+                    link.read_exact(&mut ack).unwrap();
+                });
+            }
+        });
+        t.elapsed().as_secs_f64()
+    };
+    once(&mut links); // warm-up: buffers, TCP windows
+    let took = median((0..5).map(|_| once(&mut links)).collect());
+    drop(links);
+    for sink in sinks {
+        sink.join().unwrap();
+    }
+    took
 }
 
 fn ms(d: f64) -> String {
@@ -373,6 +439,27 @@ fn end_to_end_section(args: &Args) {
     }
     let max_stall = stall.iter().cloned().fold(0.0, f64::max);
 
+    // The stall over many puts, as a trainer snapshotting every step sees it: build the state,
+    // put, build the next; the agents commit (and supersede) in the background meanwhile.
+    let mut many = Vec::with_capacity(args.puts);
+    for _ in 0..args.puts {
+        generation += 1;
+        let mut s = template[0].clone();
+        s.generation = generation;
+        let t = Instant::now();
+        clients[0].put(s);
+        many.push(t.elapsed().as_secs_f64());
+    }
+    for (r, c) in clients.iter().enumerate() {
+        let mut s = template[r].clone();
+        s.generation = generation;
+        c.put(s);
+        c.wait_committed(generation, Duration::from_secs(60))
+            .unwrap();
+    }
+    let superseded = clients[0].superseded();
+    many.sort_by(f64::total_cmp);
+
     // Peers: the same encoded state to a file with fsync, and to tmpfs (the shared-memory handoff).
     let encoded = template[0].encode().unwrap();
     let file_dir =
@@ -439,6 +526,24 @@ fn end_to_end_section(args: &Args) {
     );
     println!(
         "{:<58} {:>12}",
+        format!(
+            "stall of put() over {} back-to-back puts: median",
+            many.len()
+        ),
+        ms(many[many.len() / 2])
+    );
+    println!(
+        "{:<58} {:>12}",
+        "  p99",
+        ms(many[(many.len() * 99 / 100).min(many.len() - 1)])
+    );
+    println!("{:<58} {:>12}", "  max", ms(many[many.len() - 1]));
+    println!(
+        "{:<58} {:>12}",
+        "  handoffs superseded in the mailbox (never sent)", superseded
+    );
+    println!(
+        "{:<58} {:>12}",
         "  (building the owned state by copying tensors, median)",
         ms(median(build))
     );
@@ -483,6 +588,30 @@ fn end_to_end_section(args: &Args) {
         "{:<58} {:>12.2}x",
         "ratio 4 × fsync'd file / commit (all 4 ranks)",
         4.0 * t_file / c4
+    );
+    // The floor under any commit: the shards themselves through loopback TCP, nothing else.
+    let shard_len = petl_snapshot::Layout::new(k, m)
+        .unwrap()
+        .shard_len(encoded_len);
+    let holders = k + m;
+    let t_wire = loopback_tcp(shard_len, holders);
+    println!(
+        "{:<58} {:>12}",
+        format!(
+            "floor: {holders} × {:.1} MiB raw over loopback TCP at once",
+            shard_len as f64 / (1 << 20) as f64
+        ),
+        ms(t_wire)
+    );
+    println!(
+        "{:<58} {:>9.2} GB/s",
+        "  loopback bandwidth, all streams together",
+        gbs(holders * shard_len, t_wire)
+    );
+    println!(
+        "{:<58} {:>12.2}x",
+        "  best ratio any commit can reach: fsync'd file / floor",
+        t_file / t_wire
     );
 
     // Recovery: tier 1 (trainer restart), tier 2 (pod replaced).
