@@ -1,17 +1,18 @@
 //! The kube-runtime Controller over PetlJobs: watches (PetlJobs filtered by generation, their
-//! pods by label), the finalizer-wrapped reconcile, and the error policy.
+//! pods, ConfigMaps and Services by label), the finalizer-wrapped reconcile, and the error policy.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use petl_crds::PetlJob;
@@ -33,6 +34,18 @@ pub struct Context {
     pub config: Config,
     /// Per job UID, ranks whose pod the operator stopped and has not replaced yet.
     pub(crate) awaiting: Mutex<HashMap<String, BTreeSet<i32>>>,
+    /// Per job UID, the resourceVersion of this operator's last status write.
+    pub(crate) written: Mutex<HashMap<String, String>>,
+    /// The ConfigMaps and Services the current leadership term watches.
+    children: RwLock<ChildStores>,
+}
+
+/// Metadata caches of the ConfigMaps and Services PetlJobs own, so a reconcile can tell that
+/// one was deleted by hand without asking the API server on every reconcile.
+#[derive(Clone, Default)]
+struct ChildStores {
+    config_maps: Option<Store<PartialObjectMeta<ConfigMap>>>,
+    services: Option<Store<PartialObjectMeta<Service>>>,
 }
 
 impl Context {
@@ -48,8 +61,37 @@ impl Context {
             metrics,
             config,
             awaiting: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
+            children: RwLock::new(ChildStores::default()),
         }
     }
+
+    /// Whether the job's ConfigMap or Service is missing from the watch caches. Before the
+    /// caches have listed once (or right after this operator created them) this says missing,
+    /// which only costs an idempotent server-side apply.
+    pub(crate) fn children_missing(
+        &self,
+        namespace: &str,
+        config_map: &str,
+        service: &str,
+    ) -> bool {
+        let stores = self
+            .children
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        !cached(&stores.config_maps, namespace, config_map)
+            || !cached(&stores.services, namespace, service)
+    }
+}
+
+fn cached<K>(store: &Option<Store<PartialObjectMeta<K>>>, namespace: &str, name: &str) -> bool
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    store
+        .as_ref()
+        .is_some_and(|s| s.get(&ObjectRef::new(name).within(namespace)).is_some())
 }
 
 /// Reconcile one PetlJob: the whole body runs inside the finalizer helper, so a deleted job
@@ -99,12 +141,17 @@ fn job_trigger(job: &PetlJob) -> Option<u64> {
 /// Run the controller until `shutdown` resolves; in-flight reconciles finish first.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let (jobs, pods): (Api<PetlJob>, Api<PartialObjectMeta<Pod>>) = match &ctx.config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client, ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client)),
+    let jobs: Api<PetlJob> = scoped(&client, &ctx.config.namespace);
+    let owned = || watcher::Config::default().labels(JOB_LABEL).any_semantic();
+    let (config_maps, config_map_stream) =
+        child_watch::<ConfigMap>(scoped(&client, &ctx.config.namespace), owned());
+    // Pods are read fresh by each reconcile; their watch only triggers.
+    let pods: Api<PartialObjectMeta<Pod>> = scoped(&client, &ctx.config.namespace);
+    let (services, service_stream) =
+        child_watch::<Service>(scoped(&client, &ctx.config.namespace), owned());
+    *ctx.children.write().unwrap_or_else(|e| e.into_inner()) = ChildStores {
+        config_maps: Some(config_maps),
+        services: Some(services),
     };
     let (reader, writer) = reflector::store();
     let job_stream = watcher(jobs, watcher::Config::default().any_semantic())
@@ -130,14 +177,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         }
     };
     let controller = Controller::for_stream(job_stream, reader)
-        // Metadata-only pod watch: it only triggers reconciles, which read pods fresh.
-        .owns(
-            pods,
-            watcher::Config::default().labels(JOB_LABEL).any_semantic(),
-        )
+        .owns(pods, owned())
+        // Deleting a ConfigMap or Service by hand re-triggers its job, which recreates it.
+        .owns_stream(config_map_stream)
+        .owns_stream(service_stream)
         .with_config(config)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 debug!(error = %e, "controller event");
@@ -147,5 +193,37 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         _ = controller => {}
         _ = abandon_unstarted => debug!("stopped before the first PetlJob list"),
     }
+    *ctx.children.write().unwrap_or_else(|e| e.into_inner()) = ChildStores::default();
     info!("the PetlJob controller stopped");
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A metadata-only watch of one kind of owned child, cached in a store the reconcile reads.
+fn child_watch<K>(
+    api: Api<PartialObjectMeta<K>>,
+    config: watcher::Config,
+) -> (
+    Store<PartialObjectMeta<K>>,
+    impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debug + 'static,
+{
+    let (reader, writer) = reflector::store();
+    // An Api of PartialObjectMeta lists and watches metadata only.
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
 }

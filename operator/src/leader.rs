@@ -60,6 +60,11 @@ impl Lease {
         }
     }
 
+    /// Ends the lease manager without releasing the lease (for [`crate::Operator::abort`]).
+    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.task.abort_handle()
+    }
+
     /// Leave the election, releasing the lease if held so another replica takes over at once.
     pub async fn release(self) -> Result<()> {
         drop(self.state);

@@ -2,15 +2,15 @@
 //! controller. The binary and the in-process operators of tests and benches share it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kube::api::ListParams;
 use kube::{Api, Client};
 use petl_crds::PetlJob;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{info, warn};
 
 use crate::controller::{self, Context};
@@ -29,6 +29,7 @@ pub struct Operator {
     pub identity: String,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<()>>,
+    lease_task: Arc<Mutex<Option<AbortHandle>>>,
 }
 
 impl Operator {
@@ -66,13 +67,27 @@ impl Operator {
         ready.store(true, Ordering::Release);
         info!(%metrics_addr, identity, leader_elect = config.leader_elect, "petl-operator started");
         let ctx = Arc::new(Context::new(client, config, metrics.clone()));
-        let task = tokio::spawn(run_until_stopped(ctx, stop, identity.clone()));
+        let lease_task = Arc::new(Mutex::new(None));
+        let task = tokio::spawn({
+            let identity = identity.clone();
+            let lease_task = lease_task.clone();
+            async move {
+                let result = run_until_stopped(ctx, stop, identity, lease_task).await;
+                // An operator that can no longer reconcile (e.g. it could not join the
+                // election) must not keep receiving readiness.
+                if result.is_err() {
+                    ready.store(false, Ordering::Release);
+                }
+                result
+            }
+        });
         Ok(Self {
             metrics_addr,
             metrics,
             identity,
             shutdown,
             task,
+            lease_task,
         })
     }
 
@@ -86,6 +101,21 @@ impl Operator {
                 Ok(())
             }
         }
+    }
+
+    /// Stop at once, as a crashed process would: in-flight reconciles are dropped and a held
+    /// lease is not released, so another replica takes over only once it expires.
+    pub fn abort(self) {
+        if let Some(lease) = self
+            .lease_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            lease.abort();
+        }
+        self.task.abort();
+        let _ = self.shutdown.send(true);
     }
 
     /// Wait until the operator stops by itself (a fatal error), or forever.
@@ -116,6 +146,7 @@ async fn run_until_stopped(
     ctx: Arc<Context>,
     stop: watch::Receiver<bool>,
     identity: String,
+    lease_task: Arc<Mutex<Option<AbortHandle>>>,
 ) -> Result<()> {
     if !ctx.config.leader_elect {
         ctx.metrics.leader.set(1);
@@ -124,6 +155,7 @@ async fn run_until_stopped(
         return Ok(());
     }
     let mut lease = Lease::join(ctx.client.clone(), &ctx.config, &identity).await?;
+    *lease_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease.abort_handle());
     loop {
         let mut stopping = stop.clone();
         tokio::select! {

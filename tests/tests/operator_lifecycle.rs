@@ -1004,3 +1004,152 @@ fn the_metrics_endpoint_exposes_reconcile_and_job_counters() {
         scene.finish().await;
     });
 }
+
+#[test]
+fn children_deleted_by_hand_are_recreated_without_a_spec_change() {
+    run(async {
+        let scene = Scene::new("op-heal").await;
+        scene.create("heal", 2, json!({})).await;
+        let pods = scene.all_ready("heal", 2).await;
+        let cms: Api<ConfigMap> = Api::namespaced(scene.cp.client(), &scene.ns);
+        let svcs: Api<Service> = Api::namespaced(scene.cp.client(), &scene.ns);
+        let secrets: Api<Secret> = Api::namespaced(scene.cp.client(), &scene.ns);
+        let (cm_uid, svc_uid) = (
+            cms.get("heal-config").await.expect("ConfigMap").uid(),
+            svcs.get("heal-workers").await.expect("Service").uid(),
+        );
+
+        // The ConfigMap and Service come back by themselves: their deletion is watched.
+        cms.delete("heal-config", &DeleteParams::default())
+            .await
+            .expect("delete ConfigMap");
+        svcs.delete("heal-workers", &DeleteParams::default())
+            .await
+            .expect("delete Service");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let cm = cms.get_opt("heal-config").await.expect("get ConfigMap");
+            let svc = svcs.get_opt("heal-workers").await.expect("get Service");
+            if cm.is_some_and(|c| c.uid() != cm_uid) && svc.is_some_and(|s| s.uid() != svc_uid) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the ConfigMap and Service were not recreated"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // The Secret is not watched (least privilege); a replacement pod needs it, so the
+        // operator puts it back before creating one.
+        secrets
+            .delete("heal-snapshot-token", &DeleteParams::default())
+            .await
+            .expect("delete Secret");
+        scene
+            .set_pod(
+                "heal-worker-1",
+                PodStatusUpdate::failed().container_terminated("trainer", 1, "Error"),
+            )
+            .await;
+        scene
+            .wait_replaced("heal", 1, &pods[&1].uid().unwrap())
+            .await;
+        assert!(
+            secrets
+                .get_opt("heal-snapshot-token")
+                .await
+                .expect("get Secret")
+                .is_some(),
+            "the replacement pod's Secret was recreated"
+        );
+        scene.finish().await;
+    });
+}
+
+#[test]
+fn a_crashed_leader_is_replaced_once_its_lease_expires() {
+    run(async {
+        let mut scene = Scene::new("op-crash").await;
+        scene.stop_operator().await;
+        let elected = |id: &str| Config {
+            leader_elect: true,
+            lease_name: "petl-operator-crash".into(),
+            lease_duration_seconds: LEASE_SECONDS,
+            lease_renew_grace_seconds: 2,
+            identity: Some(id.into()),
+            ..operator_config(&scene.ns)
+        };
+        let a = Operator::start(scene.cp.client(), elected("a"))
+            .await
+            .expect("a starts");
+        let deadline = Instant::now() + WAIT;
+        while a.metrics.leader.get() != 1 {
+            assert!(Instant::now() < deadline, "a never became the leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let b = Operator::start(scene.cp.client(), elected("b"))
+            .await
+            .expect("b starts");
+        scene.create("cr", 1, json!({})).await;
+        let pods = scene.all_ready("cr", 1).await;
+
+        // Crash: no release, so b must wait for the lease to run out.
+        let crashed = Instant::now();
+        a.abort();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(
+            b.metrics.leader.get(),
+            0,
+            "b took over before the crashed leader's lease expired"
+        );
+        let takeover = Duration::from_secs(3 * LEASE_SECONDS);
+        while b.metrics.leader.get() != 1 {
+            assert!(
+                crashed.elapsed() < takeover,
+                "b did not take over within {takeover:?} of the crash"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        scene
+            .set_pod(
+                "cr-worker-0",
+                PodStatusUpdate::failed().container_terminated("trainer", 1, "Error"),
+            )
+            .await;
+        scene.wait_replaced("cr", 0, &pods[&0].uid().unwrap()).await;
+        assert!(b.metrics.reconciles.get() > 0, "the new leader reconciles");
+        scene.operator = Some(b);
+        scene.finish().await;
+    });
+}
+
+#[test]
+fn an_operator_that_cannot_join_the_election_stops_and_is_not_ready() {
+    run(async {
+        let mut scene = Scene::new("op-nolease").await;
+        scene.stop_operator().await;
+        let config = Config {
+            leader_elect: true,
+            lease_namespace: format!("{}-missing", scene.ns),
+            ..operator_config(&scene.ns)
+        };
+        let mut op = Operator::start(scene.cp.client(), config)
+            .await
+            .expect("starts");
+        let addr = op.metrics_addr;
+        let err = tokio::time::timeout(WAIT, op.wait())
+            .await
+            .expect("the operator stops by itself")
+            .expect_err("joining an election in a missing namespace fails");
+        assert!(err.to_string().contains("missing"), "{err}");
+        let code = reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .expect("GET /readyz")
+            .status();
+        assert_eq!(code, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(op.metrics.reconciles.get(), 0);
+        drop(op);
+        scene.finish().await;
+    });
+}

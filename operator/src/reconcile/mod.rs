@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
-use kube::runtime::events::Event;
+use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use petl_crds::{PetlJob, PetlJobStatus};
 use serde_json::json;
@@ -34,23 +34,27 @@ const RESYNC: Duration = Duration::from_secs(600);
 pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     let names = Names::of(&cached)?;
     let client = &ctx.client;
-    let Some(job) = read_fresh(&cached, &names, ctx).await? else {
+    let uid = cached.uid().unwrap_or_default();
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
+    // Independent reads, so one round trip: pods are matched to this job by its UID.
+    let (fresh, pods) = tokio::try_join!(
+        read_fresh(&cached, &names, ctx),
+        list_rank_pods(&pods_api, &names, &uid)
+    )?;
+    let Some(job) = fresh else {
         return Ok(Action::await_change());
     };
     let status = job.status.clone().unwrap_or_default();
-    let uid = job.uid().unwrap_or_default();
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
 
     let live = !status.is_finished() && !job.spec.suspend;
-    if live
-        && status.observed_generation != job.metadata.generation
-        && let Err(e) = ensure_children(&job, &names, ctx).await
-    {
-        publish_invalid(&job, ctx, &e).await;
-        return Err(e);
+    let stale = status.observed_generation != job.metadata.generation
+        || ctx.children_missing(&names.namespace, &names.config_map(), &names.service());
+    let mut ensured = false;
+    if live && stale {
+        ensure_children_or_report(&job, &names, ctx).await?;
+        ensured = true;
     }
 
-    let pods = list_rank_pods(&pods_api, &names, &uid).await?;
     let awaiting = ctx.awaiting_ranks(&uid, &pods);
     let plan = plan::plan(&Observed {
         spec: &job.spec,
@@ -74,12 +78,20 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
             }
         }
     }
-    for rank in plan.create.iter().copied().chain(replace_now) {
-        create_pod(&job, &names, rank, ctx, &pods_api, &uid).await?;
+    let creates: Vec<i32> = plan.create.iter().copied().chain(replace_now).collect();
+    if !creates.is_empty() && !ensured {
+        // A new pod mounts the ConfigMap and the Secret; put back whatever was deleted by hand.
+        ensure_children_or_report(&job, &names, ctx).await?;
     }
+    futures::future::try_join_all(
+        creates
+            .into_iter()
+            .map(|rank| create_pod(&job, &names, rank, ctx, &pods_api, &uid)),
+    )
+    .await?;
 
     write_status(&job, &status, &plan.status, ctx).await?;
-    report(&job, &uid, &plan, ctx).await;
+    report(&job, &uid, &plan, ctx);
 
     if plan.delete_job {
         info!(job = %names.job, namespace = %names.namespace, "ttlSecondsAfterFinished expired; deleting the PetlJob");
@@ -107,8 +119,19 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
 ///
 /// The reflector's copy can lag this operator's own last status write (a pod event may
 /// trigger the next reconcile before the watch delivers it); planning from that stale status
-/// would count the same transition twice and write an older status back.
+/// would count the same transition twice and write an older status back. A copy that already
+/// carries that write is used as is; otherwise the job is read from the API server.
 async fn read_fresh(cached: &PetlJob, names: &Names, ctx: &Context) -> Result<Option<PetlJob>> {
+    let uid = cached.uid().unwrap_or_default();
+    let written = ctx
+        .written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .cloned();
+    if written.is_some() && written == cached.resource_version() {
+        return Ok(Some(cached.clone()));
+    }
     let jobs: Api<PetlJob> = Api::namespaced(ctx.client.clone(), &names.namespace);
     match jobs.get_opt(&names.job).await? {
         Some(fresh) if fresh.uid() == cached.uid() => Ok(Some(fresh)),
@@ -148,42 +171,48 @@ pub async fn cleanup(job: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     }
     ctx.forget(&uid);
     let note = format!("the PetlJob is being deleted; stopped {stopped} worker pod(s)");
-    ctx.publish(
-        &job,
-        kube::runtime::events::EventType::Normal,
-        "Deleting",
-        note,
-    )
-    .await;
+    ctx.publish(&job, vec![(EventType::Normal, "Deleting".into(), note)]);
     Ok(Action::await_change())
 }
 
 /// Server-side apply the ConfigMap and Service; create the token Secret once.
+/// [`ensure_children`], telling the user on the PetlJob when its spec cannot be rendered.
+async fn ensure_children_or_report(job: &PetlJob, names: &Names, ctx: &Context) -> Result<()> {
+    let result = ensure_children(job, names, ctx).await;
+    if let Err(e) = &result {
+        publish_invalid(job, ctx, e);
+    }
+    result
+}
+
 async fn ensure_children(job: &PetlJob, names: &Names, ctx: &Context) -> Result<()> {
     let client = &ctx.client;
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let cm = children::config_map(job, names)?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &names.namespace);
-    cms.patch(&names.config_map(), &params, &Patch::Apply(&cm))
-        .await?;
     let svcs: Api<Service> = Api::namespaced(client.clone(), &names.namespace);
-    svcs.patch(
-        &names.service(),
-        &params,
-        &Patch::Apply(&children::service(job, names)),
-    )
-    .await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &names.namespace);
-    // Created once: a conflict means it exists, and its token must not change under the pods.
+    let service = children::service(job, names);
     let post = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()
     };
-    match secrets.create(&post, &children::secret(job, names)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    let secret = children::secret(job, names);
+    let config_map_name = names.config_map();
+    let service_name = names.service();
+    let (cm, service) = (Patch::Apply(&cm), Patch::Apply(&service));
+    let apply_config_map = cms.patch(&config_map_name, &params, &cm);
+    let apply_service = svcs.patch(&service_name, &params, &service);
+    // Created once: a conflict means it exists, and its token must not change under the pods.
+    let create_secret = async {
+        match secrets.create(&post, &secret).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    };
+    tokio::try_join!(apply_config_map, apply_service, create_secret)?;
+    Ok(())
 }
 
 /// The job's worker pods (by label, and owned by this incarnation of the job).
@@ -251,7 +280,7 @@ async fn create_pod(
     let pod = match children::pod(job, names, rank, ctx.config.trainer_image.as_deref()) {
         Ok(pod) => pod,
         Err(e) => {
-            publish_invalid(job, ctx, &e).await;
+            publish_invalid(job, ctx, &e);
             return Err(e);
         }
     };
@@ -289,17 +318,24 @@ async fn write_status(
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let patch =
         json!({ "apiVersion": petl_crds::API_VERSION, "kind": petl_crds::KIND, "status": new });
-    api.patch_status(
-        &job.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let updated = api
+        .patch_status(
+            &job.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    if let (Some(uid), Some(version)) = (updated.uid(), updated.resource_version()) {
+        ctx.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid, version);
+    }
     Ok(())
 }
 
 /// Publish the plan's events and update metrics.
-async fn report(job: &PetlJob, uid: &str, plan: &Plan, ctx: &Context) {
+fn report(job: &PetlJob, uid: &str, plan: &Plan, ctx: &Context) {
     for failure in &plan.failures {
         ctx.metrics.worker_failed(*failure);
     }
@@ -315,42 +351,47 @@ async fn report(job: &PetlJob, uid: &str, plan: &Plan, ctx: &Context) {
     }
     for event in &plan.events {
         info!(job = %job.name_any(), reason = event.reason, note = %event.note, "transition");
-        ctx.publish(job, event.type_, event.reason, event.note.clone())
-            .await;
     }
+    let events = plan.events.iter();
+    ctx.publish(
+        job,
+        events
+            .map(|e| (e.type_, e.reason.to_string(), e.note.clone()))
+            .collect(),
+    );
 }
 
-async fn publish_invalid(job: &PetlJob, ctx: &Context, e: &Error) {
+fn publish_invalid(job: &PetlJob, ctx: &Context, e: &Error) {
     if matches!(e, Error::IllegalJob { .. }) {
-        ctx.publish(
-            job,
-            kube::runtime::events::EventType::Warning,
-            "InvalidSpec",
-            e.to_string(),
-        )
-        .await;
+        let event = (EventType::Warning, "InvalidSpec".into(), e.to_string());
+        ctx.publish(job, vec![event]);
     }
 }
 
 impl Context {
-    /// Publish an event on `job`; failures are logged (events are best effort).
-    pub async fn publish(
-        &self,
-        job: &PetlJob,
-        type_: kube::runtime::events::EventType,
-        reason: &str,
-        note: String,
-    ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &job.object_ref(&())).await {
-            warn!(job = %job.name_any(), error = %e, "cannot publish event");
+    /// Publish events on `job`, in order, off the reconcile's path: events are best effort
+    /// (failures are logged), and a reconcile must not wait on them.
+    pub fn publish(&self, job: &PetlJob, events: Vec<(EventType, String, String)>) {
+        if events.is_empty() {
+            return;
         }
+        let recorder = self.recorder.clone();
+        let reference = job.object_ref(&());
+        let name = job.name_any();
+        tokio::spawn(async move {
+            for (type_, reason, note) in events {
+                let event = Event {
+                    type_,
+                    reason,
+                    note: Some(note),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    warn!(job = %name, error = %e, "cannot publish event");
+                }
+            }
+        });
     }
 
     /// Ranks stopped by the operator and not yet replaced: those in memory plus those whose
@@ -391,6 +432,10 @@ impl Context {
     }
 
     fn forget(&self, uid: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
         self.awaiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
