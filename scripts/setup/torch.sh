@@ -6,11 +6,15 @@
 # runs on CPU: the torch wheel alone (--no-deps, 539 MB) plus inert stand-ins for the CUDA
 # libraries it links against (scripts/setup/torch_cuda_stubs.py writes them, ~1 MB); with them
 # torch.cuda.is_available() is False and every CPU op is the real one.
-# Idempotent: a venv whose marker file exists is left as it is. Needs python3, readelf, cc.
+# The torch wheel is kept in ${PETL_CACHE_DIR:-~/.cache/petl}/wheels-torch, so rebuilding the venv
+# does not download it again.
+# Idempotent: a venv whose marker file exists is left as it is; an unfinished one is completed
+# (every step below can run again). Needs python3 (3.11 for the pinned wheels), readelf, cc.
 set -euo pipefail
 
 cache="${PETL_CACHE_DIR:-$HOME/.cache/petl}"
 venv="$cache/venv-bench"
+wheels="$cache/wheels-torch"
 marker="$venv/.petl-torch-ready"
 here="$(cd "$(dirname "$0")" && pwd)"
 torch_version="2.15.0"
@@ -25,7 +29,11 @@ pip() { "$venv/bin/python" -m pip --quiet --disable-pip-version-check "$@"; }
 pip install --upgrade "pip>=24" "setuptools>=77.0.3"
 # Everything that requires torch goes in with --no-deps, or pip would resolve torch's CUDA
 # requirements again; their other requirements are listed explicitly below.
-pip install --no-deps "torch==$torch_version" "peft==0.21.2" "accelerate==1.15.0"
+mkdir -p "$wheels"
+if ! compgen -G "$wheels/torch-$torch_version-*.whl" >/dev/null; then
+  pip download --no-deps --dest "$wheels" "torch==$torch_version"
+fi
+pip install --no-deps --find-links "$wheels" "torch==$torch_version" "peft==0.21.2" "accelerate==1.15.0"
 # torch's pure-Python requirements (its Requires-Dist minus the nvidia/cuda/triton wheels), then
 # transformers and what peft and accelerate need besides torch.
 pip install "filelock" "typing-extensions>=4.13.0" "sympy>=1.13.3" "networkx>=2.5.1" "jinja2" \

@@ -1,0 +1,148 @@
+//! One run's measurements (ours and the peer print the same JSON fields) and the table that puts
+//! them side by side with the ratios and the issue's targets.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Measured {
+    pub side: String,
+    pub method: String,
+    /// Compute threads the side ran with (candle's pool / torch.get_num_threads()).
+    pub threads: usize,
+    pub trainable: usize,
+    pub steps: usize,
+    /// VmHWM above the resting VmRSS over the training steps (see peak_rss.rs / peer.py).
+    pub peak_rss_delta_bytes: i64,
+    /// Our counting allocator's peak above its resting count (no peer equivalent).
+    #[serde(default)]
+    pub peak_heap_delta_bytes: Option<i64>,
+    /// Mean over steps 2..N: the first step also allocates the optimiser state.
+    pub step_seconds: f64,
+    pub first_step_seconds: f64,
+    pub final_loss: f64,
+    pub valid_accuracy: f64,
+    /// With --phases: mean seconds of forward (with the loss), backward, optimiser (with clipping).
+    #[serde(default)]
+    pub phase_seconds: Option<[f64; 3]>,
+}
+
+/// Mean step time leaving out the first step (optimiser-state allocation and cold caches).
+pub fn steady_mean(times: &[f64]) -> f64 {
+    let steady = if times.len() > 1 { &times[1..] } else { times };
+    steady.iter().sum::<f64>() / steady.len().max(1) as f64
+}
+
+/// What the run was, for the table's header.
+pub struct Setup {
+    pub steps: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub valid: usize,
+    pub threads: usize,
+    pub load_before: String,
+    pub load_after: String,
+    pub wall_seconds: f64,
+}
+
+pub fn print_table(setup: &Setup, results: &[Measured]) {
+    println!(
+        "all-MiniLM-L6-v2 on Rotten Tomatoes: {} steps × {} examples (the same batches both sides), \
+         ≤{} tokens, accuracy on {} validation examples, {} threads per side",
+        setup.steps, setup.batch, setup.seq, setup.valid, setup.threads
+    );
+    println!(
+        "load average before {} / after {}; whole bench {:.0} s",
+        setup.load_before, setup.load_after, setup.wall_seconds
+    );
+    println!(
+        "{:<8} {:<7} {:>7} {:>11} {:>13} {:>14} {:>8} {:>10} {:>10} {:>8}",
+        "side",
+        "method",
+        "threads",
+        "trainable",
+        "peak RSS MiB",
+        "peak heap MiB",
+        "step s",
+        "1st step s",
+        "final loss",
+        "val acc"
+    );
+    for m in results {
+        println!(
+            "{:<8} {:<7} {:>7} {:>11} {:>13.1} {:>14} {:>8.3} {:>10.3} {:>10.3} {:>8.3}",
+            m.side,
+            m.method,
+            m.threads,
+            m.trainable,
+            mib(m.peak_rss_delta_bytes),
+            m.peak_heap_delta_bytes
+                .map_or("-".into(), |b| format!("{:.1}", mib(b))),
+            m.step_seconds,
+            m.first_step_seconds,
+            m.final_loss,
+            m.valid_accuracy
+        );
+    }
+    let find = |side: &str, method: &str| {
+        results
+            .iter()
+            .find(|m| m.side == side && m.method == method)
+    };
+    println!("ours / PyTorch+PEFT, same method:");
+    for method in ["full", "lora"] {
+        if let (Some(o), Some(p)) = (find("ours", method), find("pytorch", method)) {
+            println!(
+                "  {method:<6} peak RSS {:.2}×   step time {:.2}×   accuracy {:+.3}",
+                ratio(o.peak_rss_delta_bytes, p.peak_rss_delta_bytes),
+                o.step_seconds / p.step_seconds,
+                o.valid_accuracy - p.valid_accuracy
+            );
+        }
+    }
+    if results.iter().any(|m| m.phase_seconds.is_some()) {
+        println!("step parts (--phases), seconds: forward+loss / backward / optimiser+clip");
+        for m in results {
+            if let Some([f, b, o]) = m.phase_seconds {
+                println!("  {:<8} {:<7} {f:>7.3} {b:>7.3} {o:>7.3}", m.side, m.method);
+            }
+        }
+    }
+    println!("targets:");
+    let lst = find("ours", "lst");
+    if let (Some(l), Some(f)) = (lst, find("ours", "full")) {
+        target(
+            "LST peak RSS / our full FT",
+            ratio(l.peak_rss_delta_bytes, f.peak_rss_delta_bytes),
+            0.3,
+        );
+    }
+    if let (Some(l), Some(p)) = (lst, find("pytorch", "lora")) {
+        target(
+            "LST peak RSS / PyTorch+PEFT LoRA",
+            ratio(l.peak_rss_delta_bytes, p.peak_rss_delta_bytes),
+            0.5,
+        );
+    }
+    for method in ["full", "lora"] {
+        if let (Some(o), Some(p)) = (find("ours", method), find("pytorch", method)) {
+            target(
+                &format!("our step time / PyTorch, {method}"),
+                o.step_seconds / p.step_seconds,
+                1.0,
+            );
+        }
+    }
+}
+
+fn target(what: &str, value: f64, limit: f64) {
+    let verdict = if value <= limit { "met" } else { "MISSED" };
+    println!("  {what:<34} {value:>5.2}×  (≤ {limit:.2}: {verdict})");
+}
+
+fn ratio(a: i64, b: i64) -> f64 {
+    a as f64 / b as f64
+}
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
