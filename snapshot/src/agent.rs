@@ -389,6 +389,7 @@ async fn handle_local(agent: &Arc<Agent>, msg: Message, fd: Option<OwnedFd>) -> 
 /// Keeps a handed-over snapshot as the newest own copy and wakes the commit pipeline.
 fn take_handoff(agent: &Arc<Agent>, snapshot: Bytes, padded: Option<Bytes>) -> Result<Message> {
     let generation = manifest::peek(&snapshot)?.generation;
+    tracing::debug!(generation, bytes = snapshot.len(), "handoff taken");
     agent.metrics.snapshot_bytes.set(snapshot.len() as i64);
     agent
         .store

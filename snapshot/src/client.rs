@@ -47,6 +47,9 @@ impl Tier {
 struct Mailbox {
     outbox: Outbox,
     sending: bool,
+    /// The sender sleeps until woken (no handoff for a while); otherwise it looks every
+    /// `POLL` by itself and `put` need not wake it.
+    parked: bool,
     closed: bool,
     last_acked: Option<u64>,
     last_error: Option<String>,
@@ -72,10 +75,7 @@ impl SnapshotClient {
             let (socket, shared) = (socket.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("petl-snapshot-send".into())
-                .spawn(move || {
-                    yield_to_the_trainer();
-                    send_loop(&socket, &shared)
-                })
+                .spawn(move || send_loop(&socket, &shared))
                 .expect("spawning the snapshot sender thread")
         };
         SnapshotClient {
@@ -90,17 +90,17 @@ impl SnapshotClient {
     /// first of a durable span, which every rank delivers (see `mailbox`).
     pub fn put(&self, snapshot: Snapshot) {
         let (lock, cv) = &*self.shared;
-        let idle = {
+        let wake = {
             let mut mailbox = lock.lock().expect("mailbox lock");
             let replaced = mailbox.outbox.put(snapshot);
             mailbox.superseded += replaced.len() as u64;
             // Freeing tens of MiB (munmap) is left to the sender thread, not the step.
             mailbox.discarded.extend(replaced);
-            !mailbox.sending
+            mailbox.parked
         };
-        // A busy sender looks at the mailbox when it finishes; waking it only when idle spares
-        // the step a context switch.
-        if idle {
+        // A busy or polling sender finds the handoff by itself: only a parked one is woken, so
+        // the step rarely makes a syscall and is never preempted by the thread it wakes.
+        if wake {
             cv.notify_all();
         }
     }
@@ -244,25 +244,26 @@ fn unexpected(msg: &Message) -> Error {
     ))
 }
 
-/// Nice level of the sender thread: woken by `put`, it must not take the CPU from the training
-/// step that woke it (the step would stall for a whole time slice of hashing and copying).
-const SENDER_NICE: i32 = 10;
-
-fn yield_to_the_trainer() {
-    let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), SENDER_NICE) {
-        tracing::debug!(error = %e, "could not lower the snapshot sender's priority");
-    }
-}
+/// How often an idle sender looks for a handoff by itself, and for how long after its last one
+/// before it parks until woken: a trainer snapshotting every few steps never wakes it.
+const POLL: Duration = Duration::from_millis(2);
+const STAY_AWAKE: Duration = Duration::from_secs(5);
 
 fn send_loop(socket: &Path, shared: &Shared) {
     let (lock, cv) = &**shared;
     let mut stream: Option<UnixStream> = None;
+    let mut last_handoff = Instant::now();
     loop {
         let (snapshot, discarded) = {
             let mut mailbox = lock.lock().expect("mailbox lock");
             while mailbox.outbox.is_empty() && !mailbox.closed {
-                mailbox = cv.wait(mailbox).expect("mailbox lock");
+                if last_handoff.elapsed() < STAY_AWAKE {
+                    mailbox = cv.wait_timeout(mailbox, POLL).expect("mailbox lock").0;
+                } else {
+                    mailbox.parked = true;
+                    mailbox = cv.wait(mailbox).expect("mailbox lock");
+                    mailbox.parked = false;
+                }
             }
             if mailbox.closed {
                 return;
@@ -274,6 +275,7 @@ fn send_loop(socket: &Path, shared: &Shared) {
         drop(discarded);
         let outcome = hand_over(socket, &mut stream, &snapshot);
         drop(snapshot);
+        last_handoff = Instant::now();
         let mut mailbox = lock.lock().expect("mailbox lock");
         mailbox.sending = false;
         match outcome {
@@ -292,22 +294,31 @@ fn send_loop(socket: &Path, shared: &Shared) {
 }
 
 /// Serialises and sends one snapshot; retries a few times while the agent (re)starts.
+/// A snapshot ready to hand over: in a sealed memfd, or (fallback) as bytes for the socket.
+enum Prepared {
+    Memfd(std::os::fd::OwnedFd, usize),
+    Inline(Vec<Vec<u8>>),
+}
+
 /// Returns the acknowledged generation and the agent's durable interval.
 fn hand_over(
     socket: &Path,
     stream: &mut Option<UnixStream>,
     snapshot: &Snapshot,
 ) -> Result<(u64, u64)> {
-    let (head, parts) = snapshot.encode_parts()?;
-    let pieces: Vec<&[u8]> = std::iter::once(&head[..]).chain(parts).collect();
-    let len: usize = pieces.iter().map(|p| p.len()).sum();
     // The memfd is written once and reused by every retry; without memfds (an old kernel) the
     // bytes go through the socket instead.
-    let memfd = match handoff::write_sealed(&pieces) {
-        Ok(fd) => Some(fd),
+    let prepared = match handoff::write_sealed(snapshot) {
+        Ok((fd, len)) => Prepared::Memfd(fd, len),
+        Err(e @ Error::Manifest(_)) => return Err(e),
         Err(e) => {
             tracing::warn!(error = %e, "memfd handoff unavailable, sending through the socket");
-            None
+            let (head, parts) = snapshot.encode_parts()?;
+            Prepared::Inline(
+                std::iter::once(head)
+                    .chain(parts.iter().map(|p| p.to_vec()))
+                    .collect(),
+            )
         }
     };
     let mut last = None;
@@ -322,9 +333,14 @@ fn hand_over(
                 *stream = Some(s);
             }
             let s = stream.as_mut().expect("connected");
-            match &memfd {
-                Some(fd) => protocol::send_put_fd_blocking(s, len as u64, fd.as_fd())?,
-                None => protocol::send_put_blocking(s, &pieces)?,
+            match &prepared {
+                Prepared::Memfd(fd, len) => {
+                    protocol::send_put_fd_blocking(s, *len as u64, fd.as_fd())?
+                }
+                Prepared::Inline(pieces) => {
+                    let pieces: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
+                    protocol::send_put_blocking(s, &pieces)?
+                }
             }
             match protocol::recv_blocking(s, 1 << 20)? {
                 Message::PutAck {

@@ -7,36 +7,31 @@
 //! so the data shards are slices of the very pages the trainer wrote.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
 use rustix::fs::{MemfdFlags, SealFlags};
 
+use crate::manifest::Snapshot;
 use crate::{Error, Result};
 
 /// Seals the trainer must have set before handing over: the contents are frozen.
 const FROZEN: SealFlags = SealFlags::WRITE.union(SealFlags::SHRINK);
 
-/// Writes the snapshot's pieces into a new memfd and seals it; the returned descriptor is what
-/// the trainer passes to its agent.
-pub fn write_sealed(pieces: &[&[u8]]) -> Result<OwnedFd> {
+/// Writes the snapshot's byte form into a new memfd and seals it; the returned descriptor and
+/// length are what the trainer passes to its agent.
+pub fn write_sealed(snapshot: &Snapshot) -> Result<(OwnedFd, usize)> {
     let fd = rustix::fs::memfd_create(
         "petl-snapshot",
         MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
     )
     .map_err(|e| Error::Agent(format!("memfd_create for the snapshot handoff: {e}")))?;
-    let mut file = File::from(fd);
-    let len: usize = pieces.iter().map(|p| p.len()).sum();
-    // Sizing first lets tmpfs place the pages once instead of growing the file per write.
-    file.set_len(len as u64)?;
-    for piece in pieces {
-        file.write_all(piece)?;
-    }
+    let file = File::from(fd);
+    let len = snapshot.write_at(&file)?;
     let fd = OwnedFd::from(file);
     rustix::fs::fcntl_add_seals(&fd, FROZEN)
         .map_err(|e| Error::Agent(format!("sealing the snapshot handoff: {e}")))?;
-    Ok(fd)
+    Ok((fd, len))
 }
 
 /// Maps a handed-over memfd of `len` snapshot bytes, grown with zeros to `padded_len`. Returns
@@ -83,29 +78,40 @@ pub fn map_padded(fd: OwnedFd, len: usize, padded_len: usize) -> Result<Bytes> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            generation: 3,
+            rng_state: b"rng".to_vec(),
+            data_cursor: b"cursor".to_vec(),
+            ..Snapshot::default()
+        }
+    }
 
     #[test]
     fn maps_the_written_bytes_with_a_zero_tail() {
-        let fd = write_sealed(&[b"abc", b"", b"defg"]).unwrap();
-        let padded = map_padded(fd, 7, 64).unwrap();
-        assert_eq!(padded.len(), 64);
-        assert_eq!(&padded[..7], b"abcdefg");
-        assert!(padded[7..].iter().all(|&b| b == 0));
+        let (fd, len) = write_sealed(&sample()).unwrap();
+        let padded = map_padded(fd, len, len + 64).unwrap();
+        assert_eq!(padded.len(), len + 64);
+        assert_eq!(padded[..len], sample().encode().unwrap()[..]);
+        assert!(padded[len..].iter().all(|&b| b == 0));
     }
 
     #[test]
     fn the_trainer_cannot_change_a_handed_over_snapshot() {
-        let fd = write_sealed(&[b"state"]).unwrap();
+        let (fd, len) = write_sealed(&sample()).unwrap();
         let mut file = File::from(fd.try_clone().unwrap());
         assert!(file.write_all(b"X").is_err());
         assert!(file.set_len(1).is_err());
-        let padded = map_padded(fd, 5, 64).unwrap();
+        let padded = map_padded(fd, len, len + 64).unwrap();
         assert!(
-            file.set_len(128).is_err(),
+            file.set_len(4096).is_err(),
             "grown after the agent sealed it"
         );
-        assert_eq!(&padded[..5], b"state");
+        assert_eq!(Snapshot::decode(&padded[..len]).unwrap(), sample());
     }
 
     #[test]
@@ -115,8 +121,8 @@ mod tests {
         file.write_all(b"state").unwrap();
         let err = map_padded(OwnedFd::from(file), 5, 64).unwrap_err();
         assert!(err.to_string().contains("not sealed"), "{err}");
-        let fd = write_sealed(&[b"state"]).unwrap();
-        let err = map_padded(fd, 9, 64).unwrap_err();
-        assert!(err.to_string().contains("holds 5"), "{err}");
+        let (fd, len) = write_sealed(&sample()).unwrap();
+        let err = map_padded(fd, len + 4, len + 64).unwrap_err();
+        assert!(err.to_string().contains(&format!("holds {len}")), "{err}");
     }
 }

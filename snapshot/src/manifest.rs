@@ -145,31 +145,86 @@ impl Snapshot {
     /// so a sender can write it without first copying the whole state into one buffer.
     pub fn encode_parts(&self) -> Result<(Vec<u8>, Vec<&[u8]>)> {
         self.validate()?;
-        let mut parts = Vec::with_capacity(self.tensors.len() + 2);
-        let mut slices: Vec<&[u8]> = Vec::with_capacity(self.tensors.len() + 2);
-        let mut offset = 0u64;
-        let mut add = |name: &str, kind: PartKind, data: &'_ [u8]| {
-            parts.push(Part {
-                name: name.to_string(),
-                kind,
-                offset,
-                len: data.len() as u64,
-                blake3: blake3::hash(data).to_hex().to_string(),
-            });
-            offset += data.len() as u64;
-        };
-        for t in &self.tensors {
-            let kind = PartKind::Tensor {
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-            };
-            add(&t.name, kind, &t.data);
-            slices.push(&t.data);
+        let parts = self.parts();
+        let digests: Vec<blake3::Hash> = parts.iter().map(|p| blake3::hash(p)).collect();
+        Ok((self.head(&digests)?, parts))
+    }
+
+    /// Writes the byte form into `out` from offset 0 in one pass over the state: each piece is
+    /// hashed just before it is written, while still in cache. The head goes in front last; its
+    /// length does not depend on the digests (fixed-width hex). Returns the total length.
+    pub fn write_at(&self, out: &impl std::os::unix::fs::FileExt) -> Result<usize> {
+        /// Bytes hashed then written at a time: well inside L2.
+        const PIECE: usize = 256 << 10;
+        self.validate()?;
+        let parts = self.parts();
+        let head_len = self
+            .head(&vec![blake3::Hash::from([0; 32]); parts.len()])?
+            .len();
+        let mut offset = head_len;
+        let mut digests = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let mut hasher = blake3::Hasher::new();
+            for piece in part.chunks(PIECE) {
+                hasher.update(piece);
+                out.write_all_at(piece, offset as u64)?;
+                offset += piece.len();
+            }
+            digests.push(hasher.finalize());
         }
-        add("rng_state", PartKind::RngState, &self.rng_state);
-        slices.push(&self.rng_state);
-        add("data_cursor", PartKind::DataCursor, &self.data_cursor);
-        slices.push(&self.data_cursor);
+        let head = self.head(&digests)?;
+        debug_assert_eq!(
+            head.len(),
+            head_len,
+            "head length depends only on the layout"
+        );
+        out.write_all_at(&head, 0)?;
+        Ok(offset)
+    }
+
+    /// The parts in their byte-form order: tensors, RNG state, data cursor.
+    fn parts(&self) -> Vec<&[u8]> {
+        self.tensors
+            .iter()
+            .map(|t| &t.data[..])
+            .chain([&self.rng_state[..], &self.data_cursor[..]])
+            .collect()
+    }
+
+    /// Preamble, manifest JSON and its checksum, for parts with these digests.
+    fn head(&self, digests: &[blake3::Hash]) -> Result<Vec<u8>> {
+        let names = self
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    PartKind::Tensor {
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                    },
+                )
+            })
+            .chain([
+                ("rng_state".to_string(), PartKind::RngState),
+                ("data_cursor".to_string(), PartKind::DataCursor),
+            ]);
+        let mut offset = 0u64;
+        let parts = names
+            .zip(self.parts())
+            .zip(digests)
+            .map(|(((name, kind), data), digest)| {
+                let part = Part {
+                    name,
+                    kind,
+                    offset,
+                    len: data.len() as u64,
+                    blake3: digest.to_hex().to_string(),
+                };
+                offset += data.len() as u64;
+                part
+            })
+            .collect();
         let manifest = Manifest {
             generation: self.generation,
             step: self.step,
@@ -184,7 +239,7 @@ impl Snapshot {
         head.extend_from_slice(&(json.len() as u32).to_le_bytes());
         head.extend_from_slice(&json);
         head.extend_from_slice(blake3::hash(&json).as_bytes());
-        Ok((head, slices))
+        Ok(head)
     }
 
     /// Parses and verifies every checksum; corrupted bytes are an error, never a snapshot.
@@ -290,6 +345,17 @@ mod tests {
             rng_state: vec![1, 2, 3],
             data_cursor: b"epoch=1,offset=42".to_vec(),
         }
+    }
+
+    #[test]
+    fn writing_in_place_gives_the_same_bytes_as_encoding() {
+        let s = sample();
+        let mut file = tempfile::tempfile().unwrap();
+        let len = s.write_at(&file).unwrap();
+        let mut written = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut written).unwrap();
+        assert_eq!(len, written.len());
+        assert_eq!(written, s.encode().unwrap());
     }
 
     #[test]
