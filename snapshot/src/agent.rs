@@ -348,6 +348,12 @@ async fn handle_local(agent: &Arc<Agent>, msg: Message, fd: Option<OwnedFd>) -> 
             let fd = fd.ok_or_else(|| {
                 Error::Protocol("PutFd frame without a passed memfd descriptor".into())
             })?;
+            if len > agent.cfg.max_frame as u64 {
+                return Err(Error::Protocol(format!(
+                    "handoff of {len} bytes exceeds --max-frame-bytes {}",
+                    agent.cfg.max_frame
+                )));
+            }
             let len = len as usize;
             let padded_len = agent.cfg.layout.padded_len(len);
             let padded =
