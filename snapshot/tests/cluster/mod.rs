@@ -122,11 +122,8 @@ impl Cluster {
     /// SIGTERM, as Kubernetes stops a pod; waits for the agent to exit and returns its status.
     pub fn terminate_agent(&mut self, rank: usize) -> std::process::ExitStatus {
         let mut child = self.agents[rank].take().expect("agent running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(sent.success(), "kill -TERM failed");
+        let pid = rustix::process::Pid::from_child(&child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("sending SIGTERM");
         child.wait().expect("waiting for the agent")
     }
 
