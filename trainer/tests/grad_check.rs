@@ -183,6 +183,24 @@ fn embedding_and_cross_entropy_backward_match_finite_differences() {
     });
 }
 
+#[test]
+fn mean_pool_backward_matches_finite_differences_and_leaves_the_mask_out() {
+    let mut rng = Rng::new(9);
+    let h = var(&mut rng, &[2, 4, 3], 1.0);
+    let mask = Tensor::from_vec(vec![1u32, 1, 0, 0, 1, 1, 1, 1], (2, 4), &Device::Cpu).unwrap();
+    check(&[("h", &h)], &|| {
+        project(&tape::mean_pool(h.as_tensor(), &mask).unwrap(), 10)
+    });
+    let grads = tape::mean_pool(h.as_tensor(), &mask)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    assert_eq!(ids, [h.as_tensor().id()], "only h may hold a gradient");
+}
+
 fn tiny_bert() -> Bert {
     let config = Config {
         vocab_size: 20,
