@@ -45,6 +45,12 @@ pub struct Metrics {
     pub train_examples: usize,
     pub validation_examples: usize,
     pub wall_seconds: f64,
+    /// Training examples per second, evaluation excluded.
+    #[serde(default)]
+    pub samples_per_second: f64,
+    /// Peak training memory of any step: live heap bytes (CPU) or device bytes in use (GPU).
+    #[serde(default)]
+    pub peak_memory_bytes: u64,
 }
 
 /// Everything a consumer needs to trust and use an output directory.
@@ -217,6 +223,8 @@ mod tests {
                 train_examples: 1,
                 validation_examples: 0,
                 wall_seconds: 1.0,
+                samples_per_second: 2.0,
+                peak_memory_bytes: 100,
             },
             trainable_parameters: 10,
             peak_memory_bytes: 100,

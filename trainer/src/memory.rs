@@ -1,5 +1,6 @@
 //! Measured memory: a counting global allocator (current and peak heap bytes) that binaries and
-//! tests install with `#[global_allocator]`, and device memory where a GPU is in use.
+//! tests install with `#[global_allocator]`, the process's peak RSS where it is not installed, and
+//! device memory where a GPU is in use.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,6 +78,65 @@ pub fn peak_bytes() -> usize {
 /// Starts a new peak window at the current level.
 pub fn reset_peak() {
     PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// Which measurement [`step_peak`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Live heap bytes at the step's peak, from [`CountingAllocator`].
+    Heap,
+    /// The process's resident set at the step's peak (`VmHWM`, reset per step), for programs
+    /// that do not install the counting allocator.
+    Rss,
+    /// Bytes in use on the GPU at the end of the step.
+    Device,
+    /// Nothing measurable on this platform.
+    None,
+}
+
+/// Opens a peak-memory window for one training step.
+pub fn begin_step(device: &candle_core::Device) {
+    match source(device) {
+        Source::Heap => reset_peak(),
+        // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0).
+        Source::Rss => {
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+        Source::Device | Source::None => {}
+    }
+}
+
+/// Peak bytes since [`begin_step`], from the best source available for `device`.
+pub fn step_peak(device: &candle_core::Device) -> usize {
+    match source(device) {
+        Source::Heap => peak_bytes(),
+        Source::Rss => peak_rss_bytes().unwrap_or(0),
+        Source::Device => device_memory(device)
+            .map(|(free, total)| total.saturating_sub(free))
+            .unwrap_or(0),
+        Source::None => 0,
+    }
+}
+
+/// Where [`step_peak`] takes its number from for `device`.
+pub fn source(device: &candle_core::Device) -> Source {
+    if device_memory(device).is_some() {
+        Source::Device
+    } else if is_counting() {
+        Source::Heap
+    } else if peak_rss_bytes().is_some() {
+        Source::Rss
+    } else {
+        Source::None
+    }
+}
+
+/// The process's peak resident set (`VmHWM` in `/proc/self/status`), where procfs exists.
+pub fn peak_rss_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Free and total bytes of the GPU behind `device`, or `None` on the CPU.

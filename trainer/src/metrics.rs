@@ -59,7 +59,7 @@ impl TrainerMetrics {
         );
         registry.register(
             "peak_memory_bytes",
-            "Peak heap bytes held by the trainer process so far",
+            "Peak training memory of any step so far: live heap bytes on CPU, bytes in use on a GPU",
             peak_memory_bytes.clone(),
         );
         registry.register(

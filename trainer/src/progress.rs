@@ -66,9 +66,12 @@ impl Progress {
             metrics.loss.set(update.loss);
             metrics.learning_rate.set(update.learning_rate);
             metrics.samples_per_second.set(update.samples_per_second);
-            metrics
+            // The gauge is the run's peak so far; a step reports only its own.
+            let peak = metrics
                 .peak_memory_bytes
-                .set(update.peak_memory_bytes as i64);
+                .get()
+                .max(update.peak_memory_bytes as i64);
+            metrics.peak_memory_bytes.set(peak);
         }
         match &self.bar {
             Some(bar) => {

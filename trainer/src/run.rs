@@ -175,6 +175,8 @@ pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
         train_examples: dataset.train.len(),
         validation_examples: dataset.validation.len(),
         wall_seconds: started.elapsed().as_secs_f64(),
+        samples_per_second: trained.samples_per_second,
+        peak_memory_bytes: trained.peak_memory_bytes,
     };
     let Some((uri, dir)) = output else {
         return Ok(RunOutcome {

@@ -268,9 +268,10 @@ impl Trainer {
             let batch = train.batch(epoch, (self.step % per_epoch as u64) as usize)?;
             let t0 = Instant::now();
             let lr = schedule.at(self.step);
-            memory::reset_peak();
+            let device = batch.input_ids.device().clone();
+            memory::begin_step(&device);
             let (loss, grad_norm) = self.train_step(&batch, lr)?;
-            let step_peak = step_peak_bytes(&batch);
+            let step_peak = memory::step_peak(&device);
             train_time += t0.elapsed();
             self.step += 1;
             samples += batch.len();
@@ -403,13 +404,4 @@ pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let keep = targets.ne(IGNORE_INDEX)?;
     let safe = keep.where_cond(&targets, &targets.zeros_like()?)?;
     tape::cross_entropy(&predictions, &safe, Some(&keep.to_dtype(DType::F32)?))
-}
-
-/// Peak memory of the step just run: heap bytes from the counting allocator, or GPU bytes in
-/// use when the batch lives on a GPU.
-fn step_peak_bytes(batch: &Batch) -> usize {
-    match memory::device_memory(batch.input_ids.device()) {
-        Some((free, total)) => total.saturating_sub(free),
-        None => memory::peak_bytes(),
-    }
 }

@@ -25,7 +25,9 @@ pub struct Trained {
     pub tensors: Vec<(String, candle_core::Tensor)>,
     pub lora: Option<LoraSettings>,
     pub trainable_parameters: u64,
+    /// Peak training memory of any step (see [`crate::train::Report::peak_memory_bytes`]).
     pub peak_memory_bytes: u64,
+    pub samples_per_second: f64,
 }
 
 /// This rank's training batches, addressed by (epoch, index).
@@ -44,19 +46,19 @@ impl Batches for RankBatches<'_> {
     }
 }
 
-/// Validation batches in file order (every rank evaluates the whole set).
+/// Validation batches over the whole validation split (every rank evaluates all of it), cut from
+/// the examples sorted by length so a batch pads little: the metrics do not depend on the order,
+/// and padding would otherwise cost a large share of every evaluation.
 pub fn validation_batches(
     dataset: &Dataset,
     batch_size: usize,
     device: &Device,
 ) -> Result<Vec<Batch>> {
-    dataset
-        .validation
+    let mut by_length: Vec<_> = dataset.validation.iter().collect();
+    by_length.sort_by_key(|e| e.ids.len());
+    by_length
         .chunks(batch_size.max(1))
-        .map(|chunk| {
-            let refs: Vec<_> = chunk.iter().collect();
-            Batch::pad(&refs, dataset.task, dataset.pad_id, device)
-        })
+        .map(|chunk| Batch::pad(chunk, dataset.task, dataset.pad_id, device))
         .collect()
 }
 
@@ -138,6 +140,7 @@ pub fn train(
         lora,
         trainable_parameters: report.trainable_parameters as u64,
         peak_memory_bytes: report.peak_memory_bytes as u64,
+        samples_per_second: report.samples_per_second,
     })
 }
 

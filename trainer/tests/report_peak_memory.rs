@@ -1,0 +1,74 @@
+//! The loop's peak-memory numbers without the counting allocator (this test binary does not
+//! install it): every step reports the process's peak RSS, never 0, and the report holds the max.
+
+use candle_core::{DType, Device, Tensor};
+use petl_crds::{LstConfig, MethodConfig, Schedule};
+use petl_trainer::data::Batch;
+use petl_trainer::memory::{self, Source};
+use petl_trainer::methods;
+use petl_trainer::models::bert::{Bert, Config};
+use petl_trainer::train::{Observer, StepInfo, TrainConfig, Trainer};
+
+struct Peaks(Vec<usize>);
+
+impl Observer for Peaks {
+    fn on_step(&mut self, info: &StepInfo, _: &Trainer) -> petl_trainer::Result<()> {
+        self.0.push(info.peak_memory_bytes);
+        Ok(())
+    }
+}
+
+#[test]
+fn every_step_reports_a_nonzero_peak_and_the_report_keeps_the_largest() {
+    assert_eq!(memory::source(&Device::Cpu), Source::Rss);
+    let config = Config {
+        vocab_size: 50,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        hidden_act: "gelu".into(),
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+    };
+    let bert = Bert::random(config, 1, DType::F32, &Device::Cpu).unwrap();
+    let method = methods::for_bert(
+        &MethodConfig::Lst(LstConfig {
+            reduction: 4,
+            ..Default::default()
+        }),
+        bert,
+        2,
+        1,
+    )
+    .unwrap();
+    let batch = Batch {
+        input_ids: Tensor::from_vec((0..32u32).map(|i| i % 50).collect(), (4, 8), &Device::Cpu)
+            .unwrap(),
+        attention_mask: Tensor::ones((4, 8), DType::U32, &Device::Cpu).unwrap(),
+        labels: Tensor::from_vec(vec![0u32, 1, 0, 1], 4, &Device::Cpu).unwrap(),
+    };
+    let mut trainer = Trainer::new(
+        method,
+        TrainConfig {
+            max_steps: Some(3),
+            epochs: None,
+            max_seconds: None,
+            learning_rate: 1e-3,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            grad_clip: 1.0,
+            seed: 1,
+            eval_every_steps: 0,
+        },
+    );
+    let mut peaks = Peaks(Vec::new());
+    let report = trainer
+        .fit(&vec![batch], &[], &mut peaks)
+        .expect("three steps train");
+    assert_eq!(peaks.0.len(), 3);
+    assert!(peaks.0.iter().all(|&p| p > 0), "{:?}", peaks.0);
+    assert_eq!(report.peak_memory_bytes, *peaks.0.iter().max().unwrap());
+}
