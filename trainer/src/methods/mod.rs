@@ -1,8 +1,7 @@
 //! Fine-tuning methods: each file turns a frozen backbone into trainable parameters and a forward
 //! that builds only the graph its backward needs. This file holds the small trait they share.
 
-pub mod bitfit;
-pub mod full;
+pub mod backbone_tuning;
 pub mod head;
 pub mod lora;
 pub mod lst;
@@ -12,6 +11,7 @@ use petl_crds::MethodConfig;
 
 use crate::Result;
 use crate::models::bert::Bert;
+pub use backbone_tuning::{BackboneTuning, Selection};
 
 /// One fine-tuning method bound to its backbone.
 pub trait Method: Send {
@@ -50,9 +50,19 @@ pub fn for_bert(
     seed: u64,
 ) -> Result<Box<dyn Method>> {
     Ok(match config {
-        MethodConfig::Full(_) => Box::new(full::Full::new(backbone, num_labels, seed)?),
+        MethodConfig::Full(_) => Box::new(BackboneTuning::new(
+            backbone,
+            Selection::All,
+            num_labels,
+            seed,
+        )?),
         MethodConfig::Lora(c) => Box::new(lora::Lora::new(backbone, c, num_labels, seed)?),
-        MethodConfig::Bitfit(_) => Box::new(bitfit::BitFit::new(backbone, num_labels, seed)?),
+        MethodConfig::Bitfit(_) => Box::new(BackboneTuning::new(
+            backbone,
+            Selection::Biases,
+            num_labels,
+            seed,
+        )?),
         MethodConfig::Lst(c) => Box::new(lst::Lst::new(backbone, c, num_labels, seed)?),
     })
 }
