@@ -3,6 +3,8 @@
 //!
 //! `cargo run --release -p petl-trainer --example method_budget -- lst 600 32 64 3e-3 8`
 //! arguments: method seconds batch max_len lr [lst reduction | lora rank] [eval_every]
+//! [lst gate_init] [lst init_from_backbone 0|1] [warmup_steps] [schedule constant|linear|cosine]
+//! [max_steps]
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -62,6 +64,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lr: f64 = arg(4, "3e-3").parse()?;
     let knob: i32 = arg(5, "8").parse()?;
     let eval_every: u64 = arg(6, "100").parse()?;
+    let gate_init: f64 = arg(7, "0").parse()?;
+    let init_from_backbone = arg(8, "1") == "1";
+    let warmup_steps: u64 = arg(9, "0").parse()?;
+    let schedule = match arg(10, "constant").as_str() {
+        "linear" => Schedule::Linear,
+        "cosine" => Schedule::Cosine,
+        _ => Schedule::Constant,
+    };
+    let max_steps: u64 = arg(11, "1000000").parse()?;
 
     let home = PathBuf::from(std::env::var("HOME")?);
     let pypi = home.join(".cache/petl/pypi");
@@ -76,6 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?)
     .read_to_string(&mut text)?;
     let mut rows: Vec<(Vec<u32>, u32)> = Vec::new();
+    let mut lengths = Vec::new();
     for r in csv::Reader::from_reader(text.as_bytes()).records() {
         let r = r?;
         let label = match &r[0] {
@@ -88,12 +100,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| e.to_string())?
             .get_ids()
             .to_vec();
+        lengths.push(ids.len());
         let mut ids = ids[..ids.len().min(max_len)].to_vec();
         if ids.len() == max_len {
             ids[max_len - 1] = 102; // keep [SEP] last after truncation
         }
         rows.push((ids, label));
     }
+    lengths.sort_unstable();
+    let pct = |p: f64| lengths[((lengths.len() - 1) as f64 * p) as usize];
+    eprintln!(
+        "token lengths: mean {:.1} p50 {} p90 {} p99 {} max {}",
+        lengths.iter().sum::<usize>() as f64 / lengths.len() as f64,
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(1.0)
+    );
     // Seeded shuffle, then 10% validation.
     let mut rng = Rng::new(42);
     for i in (1..rows.len()).rev() {
@@ -145,6 +168,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }),
         _ => MethodConfig::Lst(LstConfig {
             reduction: knob,
+            gate_init,
+            init_from_backbone,
             ..Default::default()
         }),
     };
@@ -154,13 +179,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut trainer = Trainer::new(
         method,
         TrainConfig {
-            max_steps: Some(1_000_000),
+            max_steps: Some(max_steps),
             epochs: None,
             max_seconds: Some(seconds),
             learning_rate: lr,
             weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
+            warmup_steps,
+            schedule,
             grad_clip: 1.0,
             seed: 42,
             eval_every_steps: eval_every,
