@@ -28,7 +28,7 @@ static ALLOC: CountingAllocator = CountingAllocator;
 #[command(about = "Our trainer vs PyTorch + PEFT on MiniLM / Rotten Tomatoes")]
 struct Args {
     /// Optimiser steps per run: the fixed training budget.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 40)]
     steps: usize,
     #[arg(long, default_value_t = 32)]
     batch: usize,
