@@ -54,12 +54,18 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target-cuda}"
 cd "$root"
 build() { cargo build --release -p petl-trainer --features cuda "$@" 2>&1 | tee "$stub_dir/build.log"; }
 start=$(date +%s)
-if ! build "$@"; then
-  missing=$(grep -oE "undefined reference to \`cu[A-Za-z0-9_]+'" "$stub_dir/build.log" |
-    sed -E "s/.*\`(cu[A-Za-z0-9_]+)'/\1/" | sort -u || true)
+# The linker names the driver symbols the stub lacks ("undefined reference to `cuX'" from GNU
+# ld, "undefined symbol: cuX" from lld, which stops after 20 errors): add them and relink until
+# nothing is missing.
+symbols=(cuInit)
+for attempt in 1 2 3 4 5 6 7 8; do
+  build "$@" && break
+  missing=$(grep -oE "(undefined reference to \`|undefined symbol: )cu[A-Za-z0-9_]+" "$stub_dir/build.log" |
+    grep -oE "cu[A-Za-z0-9_]+$" | sort -u || true)
   [ -n "$missing" ] || exit 1
-  echo "cuda: regenerating the libcuda stub with $(echo "$missing" | wc -l) driver symbols"
-  make_stub $missing
-  build "$@"
-fi
+  [ "$attempt" -lt 8 ] || exit 1
+  mapfile -t symbols < <(printf '%s\n' "${symbols[@]}" $missing | sort -u)
+  echo "cuda: regenerating the libcuda stub with ${#symbols[@]} driver symbols"
+  make_stub "${symbols[@]}"
+done
 echo "cuda: build finished in $(( $(date +%s) - start )) s (target dir $CARGO_TARGET_DIR)"
