@@ -57,7 +57,8 @@ start=$(date +%s)
 # The linker names the driver symbols the stub lacks ("undefined reference to `cuX'" from GNU
 # ld, "undefined symbol: cuX" from lld, which stops after 20 errors): add them and relink until
 # nothing is missing.
-symbols=(cuInit)
+mapfile -t symbols < <(grep -oE "cu[A-Za-z0-9_]+\(void\)" "$stub_dir/cuda_stub.c" 2>/dev/null | sed 's/(void)//' || true)
+[ "${#symbols[@]}" -gt 0 ] || symbols=(cuInit)
 for attempt in 1 2 3 4 5 6 7 8; do
   build "$@" && break
   missing=$(grep -oE "(undefined reference to \`|undefined symbol: )cu[A-Za-z0-9_]+" "$stub_dir/build.log" |

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use petl_crds::{PetlJob, PetlJobSpec, exit_code};
 
+use crate::device::DeviceChoice;
 use crate::progress::{Display, init_logging};
 use crate::run::{RunOptions, run_job};
 use crate::{Error, Result};
@@ -79,6 +80,10 @@ pub struct CommonArgs {
     /// Log line format; with `text` a terminal also gets a progress bar.
     #[arg(long, env = "PETL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Where to train: auto (a CUDA GPU in a `cuda` build when one answers, else the CPU),
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "PETL_DEVICE", default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,6 +108,7 @@ pub fn petl_main() -> ExitCode {
             world_size: 1,
             output_override: output,
             metrics_addr: common.metrics_addr,
+            device: common.device,
             display: display(common.log_format),
         };
         run_job(&spec, &options)
@@ -126,6 +132,7 @@ pub fn trainer_main() -> ExitCode {
             world_size,
             output_override: None,
             metrics_addr: common.metrics_addr,
+            device: common.device,
             display: display(common.log_format),
         };
         run_job(&spec, &options)

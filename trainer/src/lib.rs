@@ -13,6 +13,7 @@ pub mod train;
 // I/O (trainer-io) adds its modules here: data, source, export, manifest, cli, progress, metrics, run.
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod export;
 pub mod manifest;
 pub mod metrics;

@@ -10,6 +10,7 @@ use std::time::Instant;
 use petl_crds::{DatasetFormat, MethodType, OutputFormat, PetlJobSpec};
 
 use crate::data::{DataConfig, Dataset, Format, Task, UnknownLabels, Validation};
+use crate::device::DeviceChoice;
 use crate::export::{Adapter, AdapterFormat, write_adapter};
 use crate::manifest::{Artifact, BaseModel, Manifest, Metrics, file_entries, sha256_file};
 use crate::metrics::TrainerMetrics;
@@ -29,6 +30,8 @@ pub struct RunOptions {
     pub output_override: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     pub display: Display,
+    /// Where to train.
+    pub device: DeviceChoice,
 }
 
 /// What a finished rank leaves behind.

@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
 use petl_trainer::cli::load_job;
+use petl_trainer::device::DeviceChoice;
 use petl_trainer::manifest::Manifest;
 use petl_trainer::memory::CountingAllocator;
 use petl_trainer::progress::Display;
@@ -76,6 +77,7 @@ fn metrics_endpoint_carries_step_loss_throughput_and_peak_memory_of_the_run() {
         output_override: None,
         metrics_addr: Some(addr),
         display: Display::Logs,
+        device: DeviceChoice::Cpu,
     };
     let outcome = run_job(&spec, &options).unwrap();
 

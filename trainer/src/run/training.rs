@@ -76,7 +76,7 @@ pub fn train(
             message: "causal-lm jobs need a decoder backbone (GGUF/Llama), which `petl run` does not drive yet; use sequence-classification with a BERT-family model".into(),
         });
     }
-    let device = Device::Cpu;
+    let device = crate::device::open(options.device)?;
     let dtype = match spec.model.dtype {
         ModelDtype::F32 => DType::F32,
         ModelDtype::Bf16 => DType::BF16,
