@@ -36,6 +36,8 @@ pub struct Context {
     pub(crate) awaiting: Mutex<HashMap<String, BTreeSet<i32>>>,
     /// Per job UID, the resourceVersion of this operator's last status write.
     pub(crate) written: Mutex<HashMap<String, String>>,
+    /// Per job UID, how fresh the next list of its pods must be (see `reconcile::PodRead`).
+    pub(crate) pod_reads: Mutex<HashMap<String, crate::reconcile::PodRead>>,
     /// The ConfigMaps and Services the current leadership term watches.
     children: RwLock<ChildStores>,
 }
@@ -62,6 +64,7 @@ impl Context {
             config,
             awaiting: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
+            pod_reads: Mutex::new(HashMap::new()),
             children: RwLock::new(ChildStores::default()),
         }
     }

@@ -33,6 +33,13 @@ struct Args {
     /// Creates in flight at once.
     #[arg(long, default_value_t = 32)]
     parallel: usize,
+    /// Where the operator's JSON log goes (default: inside the control plane's temporary
+    /// directory, removed at exit).
+    #[arg(long)]
+    operator_log: Option<PathBuf>,
+    /// Creates per second (0: as fast as `parallel` allows, a burst).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// The petl-operator binary (default: next to this binary).
     #[arg(long)]
     operator_bin: Option<PathBuf>,
@@ -75,7 +82,10 @@ async fn main() -> Result<()> {
     let ns = cp.create_namespace("bench-op").await?;
 
     let port = free_port()?;
-    let log = cp.dir().join("operator.log");
+    let log = args
+        .operator_log
+        .clone()
+        .unwrap_or_else(|| cp.dir().join("operator.log"));
     let mut operator = spawn_operator(&bin, cp.kubeconfig_path(), &ns, port, &log)?;
     let metrics_url = format!("http://127.0.0.1:{port}/metrics");
     wait_ready(port).await?;
@@ -90,11 +100,15 @@ async fn main() -> Result<()> {
     let want_pods = args.jobs * args.replicas as usize;
 
     let start = Instant::now();
+    let spacing = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
     stream::iter(0..args.jobs)
         .map(|i| {
             let jobs = jobs.clone();
             let replicas = args.replicas;
             async move {
+                if let Some(spacing) = spacing {
+                    tokio::time::sleep_until((start + spacing * i as u32).into()).await;
+                }
                 jobs.create(
                     &PostParams::default(),
                     &job(&format!("bench-{i:04}"), replicas),
@@ -123,9 +137,14 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     println!(
-        "created {} PetlJobs in {:.2}s; all {want_pods} pods existed {:.2}s after the first apply",
+        "created {} PetlJobs in {:.2}s ({}); all {want_pods} pods existed {:.2}s after the first apply",
         args.jobs,
         applied.as_secs_f64(),
+        if args.rate > 0.0 {
+            format!("paced at {} per second", args.rate)
+        } else {
+            format!("a burst, {} in flight", args.parallel)
+        },
         pods_created.as_secs_f64()
     );
 
@@ -138,11 +157,14 @@ async fn main() -> Result<()> {
             .map(|p| p.name_any())
             .collect();
         let marked = Instant::now();
-        stream::iter(names)
-            .map(|name| {
+        stream::iter(names.into_iter().enumerate())
+            .map(|(i, name)| {
                 let cp = &cp;
                 let ns = &ns;
                 async move {
+                    if let Some(spacing) = spacing {
+                        tokio::time::sleep_until((marked + spacing * i as u32).into()).await;
+                    }
                     cp.set_pod_status(
                         ns,
                         &name,

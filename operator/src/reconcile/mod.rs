@@ -13,7 +13,9 @@ use std::time::Duration;
 use either::Either;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{
+    DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, VersionMatch,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -39,7 +41,7 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     // Independent reads, so one round trip: pods are matched to this job by its UID.
     let (fresh, pods) = tokio::try_join!(
         read_fresh(&cached, &names, ctx),
-        list_rank_pods(&pods_api, &names, &uid)
+        list_rank_pods(&pods_api, &names, &cached, ctx)
     )?;
     let Some(job) = fresh else {
         return Ok(Action::await_change());
@@ -69,7 +71,13 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     let mut replace_now = Vec::new();
     for stop in &plan.stop {
         let pod = pods.iter().find(|p| p.uid == stop.uid);
-        let gone = stop_pod(&pods_api, stop, pod.is_some_and(|p| p.stopped_by_operator)).await?;
+        let gone = stop_pod(
+            &pods_api,
+            stop,
+            pod.is_some_and(|p| p.stopped_by_operator),
+            |read| ctx.pods_written(&uid, read),
+        )
+        .await?;
         if stop.replace {
             if gone {
                 replace_now.push(stop.rank);
@@ -165,7 +173,7 @@ pub async fn cleanup(job: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
                 delete: true,
                 replace: false,
             };
-            stop_pod(&pods_api, &stop, pod.stopped_by_operator).await?;
+            stop_pod(&pods_api, &stop, pod.stopped_by_operator, |_| {}).await?;
             stopped += 1;
         }
     }
@@ -215,16 +223,75 @@ async fn ensure_children(job: &PetlJob, names: &Names, ctx: &Context) -> Result<
     Ok(())
 }
 
+/// How fresh a list of a job's pods must be. A consistent list makes the API server wait until
+/// its watch cache has caught up with etcd, which took ~90 ms here even when idle; the cache
+/// served at once is enough whenever it provably holds this operator's own last change to the
+/// job's pods (the changes a reconcile must never count twice). Pod changes made by others
+/// reach the reconcile through the watch of that same cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRead {
+    /// Any cached state: nothing of the job's pods was ever written (a job never reconciled).
+    Any,
+    /// At least as new as this resourceVersion, the operator's last write to the job's pods.
+    NotOlderThan(String),
+    /// Straight from etcd's current state: the last write left no version (a pod deleted at once).
+    Consistent,
+}
+
+impl PodRead {
+    fn params(&self, selector: &str) -> ListParams {
+        let params = ListParams::default().labels(selector);
+        match self {
+            PodRead::Any => params.match_any(),
+            PodRead::NotOlderThan(version) => {
+                params.at(version).matching(VersionMatch::NotOlderThan)
+            }
+            PodRead::Consistent => params,
+        }
+    }
+
+    /// The newer of two reads' demands (resourceVersions are etcd revisions, compared as numbers).
+    fn newer(self, other: PodRead) -> PodRead {
+        use PodRead::*;
+        match (self, other) {
+            (Consistent, _) | (_, Consistent) => Consistent,
+            (Any, o) | (o, Any) => o,
+            (NotOlderThan(a), NotOlderThan(b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
+                (Ok(x), Ok(y)) => NotOlderThan(if x >= y { a } else { b }),
+                _ => Consistent,
+            },
+        }
+    }
+}
+
 /// The job's worker pods (by label, and owned by this incarnation of the job).
-async fn list_rank_pods(api: &Api<Pod>, names: &Names, uid: &str) -> Result<Vec<RankPod>> {
+async fn list_rank_pods(
+    api: &Api<Pod>,
+    names: &Names,
+    job: &PetlJob,
+    ctx: &Context,
+) -> Result<Vec<RankPod>> {
+    let uid = job.uid().unwrap_or_default();
     let selector = format!("{JOB_LABEL}={}", names.job);
-    let pods = api.list(&ListParams::default().labels(&selector)).await?;
+    let pods = api.list(&ctx.pod_read(job).params(&selector)).await?;
+    // What this list saw is the floor for the next one (the reconcile's own writes raise it).
+    if let Some(version) = pods.metadata.resource_version.clone() {
+        ctx.pod_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.clone(), PodRead::NotOlderThan(version));
+    }
     Ok(pods
         .items
         .iter()
-        .filter(|p| owned_by(p, uid))
+        .filter(|p| owned_by(p, &uid))
         .filter_map(RankPod::from_pod)
         .collect())
+}
+
+fn version_of(pod: &Pod) -> PodRead {
+    pod.resource_version()
+        .map_or(PodRead::Consistent, PodRead::NotOlderThan)
 }
 
 fn owned_by(pod: &Pod, uid: &str) -> bool {
@@ -235,14 +302,19 @@ fn owned_by(pod: &Pod, uid: &str) -> bool {
 
 /// Label the pod with why it is stopped (the accounting mark), then delete it. Returns
 /// whether the pod is gone.
-async fn stop_pod(api: &Api<Pod>, stop: &Stop, already_marked: bool) -> Result<bool> {
+async fn stop_pod(
+    api: &Api<Pod>,
+    stop: &Stop,
+    already_marked: bool,
+    written: impl Fn(PodRead),
+) -> Result<bool> {
     if !already_marked {
         let mark = json!({"metadata": {"labels": {STOPPED_LABEL: stop.reason}}});
         match api
             .patch(&stop.name, &PatchParams::default(), &Patch::Merge(&mark))
             .await
         {
-            Ok(_) => {}
+            Ok(pod) => written(version_of(&pod)),
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(true),
             Err(e) => return Err(e.into()),
         }
@@ -259,9 +331,13 @@ async fn stop_pod(api: &Api<Pod>, stop: &Stop, already_marked: bool) -> Result<b
     };
     match api.delete(&stop.name, &params).await {
         Ok(Either::Left(pod)) => {
+            written(version_of(&pod));
             Ok(pod.metadata.deletion_timestamp.is_none() && pod.finalizers().is_empty())
         }
-        Ok(Either::Right(_)) => Ok(true),
+        Ok(Either::Right(_)) => {
+            written(PodRead::Consistent);
+            Ok(true)
+        }
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(true),
         // 409: the precondition failed, a newer pod holds the name; it is not ours to stop.
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
@@ -290,7 +366,8 @@ async fn create_pod(
         ..PostParams::default()
     };
     match api.create(&post, &pod).await {
-        Ok(_) => {
+        Ok(created) => {
+            ctx.pods_written(uid, version_of(&created));
             ctx.metrics.pods_created.inc();
             ctx.replaced(uid, rank);
             Ok(())
@@ -431,7 +508,42 @@ impl Context {
         }
     }
 
+    /// How fresh the next list of `job`'s pods must be.
+    fn pod_read(&self, job: &PetlJob) -> PodRead {
+        let uid = job.uid().unwrap_or_default();
+        let recorded = self
+            .pod_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&uid)
+            .cloned();
+        let never_reconciled = job
+            .status
+            .as_ref()
+            .is_none_or(|s| s.observed_generation.is_none());
+        match recorded {
+            Some(read) => read,
+            None if never_reconciled => PodRead::Any,
+            // Pods written by an earlier operator process, at versions this one never saw.
+            None => PodRead::Consistent,
+        }
+    }
+
+    /// Note a write to `uid`'s pods, so the next list sees it.
+    fn pods_written(&self, uid: &str, read: PodRead) {
+        let mut reads = self.pod_reads.lock().unwrap_or_else(|p| p.into_inner());
+        let next = match reads.remove(uid) {
+            Some(previous) => previous.newer(read),
+            None => read,
+        };
+        reads.insert(uid.to_string(), next);
+    }
+
     fn forget(&self, uid: &str) {
+        self.pod_reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
         self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -441,5 +553,41 @@ impl Context {
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);
         self.metrics.forget_job(uid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PodRead::{self, *};
+
+    fn at(v: &str) -> PodRead {
+        NotOlderThan(v.into())
+    }
+
+    #[test]
+    fn the_newer_demand_wins_and_a_consistent_read_is_never_relaxed() {
+        assert_eq!(at("100").newer(at("99")), at("100"));
+        assert_eq!(at("99").newer(at("100")), at("100"));
+        assert_eq!(Any.newer(at("7")), at("7"));
+        assert_eq!(at("7").newer(Any), at("7"));
+        assert_eq!(at("7").newer(Consistent), Consistent);
+        assert_eq!(Consistent.newer(at("7")), Consistent);
+        // Versions that are not numbers cannot be ordered: read consistently.
+        assert_eq!(at("x").newer(at("7")), Consistent);
+    }
+
+    #[test]
+    fn list_parameters_ask_for_the_demanded_freshness() {
+        let any = Any.params("petl.dev/job=a");
+        assert_eq!(any.resource_version.as_deref(), Some("0"));
+        let floor = at("42").params("petl.dev/job=a");
+        assert_eq!(floor.resource_version.as_deref(), Some("42"));
+        assert_eq!(
+            floor.version_match,
+            Some(kube::api::VersionMatch::NotOlderThan)
+        );
+        let consistent = Consistent.params("petl.dev/job=a");
+        assert_eq!(consistent.resource_version, None);
+        assert_eq!(consistent.label_selector.as_deref(), Some("petl.dev/job=a"));
     }
 }
