@@ -858,19 +858,37 @@ fn a_restarted_operator_creates_no_duplicate_pods_and_keeps_counting() {
 /// Short, so a lease left behind by a stopped leader expires quickly.
 const LEASE_SECONDS: u64 = 4;
 
+/// An operator config that takes part in the election for `lease` as `id`.
+fn elected(ns: &str, lease: &str, id: &str) -> Config {
+    Config {
+        leader_elect: true,
+        lease_name: lease.into(),
+        lease_duration_seconds: LEASE_SECONDS,
+        lease_renew_grace_seconds: 2,
+        identity: Some(id.into()),
+        ..operator_config(ns)
+    }
+}
+
+/// Poll `done` every 100 ms until it holds; fail with `what` once `limit` has passed.
+async fn eventually<F: Future<Output = bool>>(
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[test]
 fn two_operators_elect_one_leader_and_the_other_takes_over() {
     run(async {
         let mut scene = Scene::new("op-leader").await;
         scene.stop_operator().await;
-        let elected = |id: &str| Config {
-            leader_elect: true,
-            lease_name: "petl-operator-test".into(),
-            lease_duration_seconds: LEASE_SECONDS,
-            lease_renew_grace_seconds: 2,
-            identity: Some(id.into()),
-            ..operator_config(&scene.ns)
-        };
+        let elected = |id: &str| elected(&scene.ns, "petl-operator-test", id);
         let a = Operator::start(scene.cp.client(), elected("a"))
             .await
             .expect("a starts");
@@ -878,15 +896,10 @@ fn two_operators_elect_one_leader_and_the_other_takes_over() {
             .await
             .expect("b starts");
         let leader_of = |ops: [&Operator; 2]| ops.map(|o| o.metrics.leader.get());
-        let deadline = Instant::now() + WAIT;
-        while leader_of([&a, &b]).iter().sum::<i64>() != 1 {
-            assert!(
-                Instant::now() < deadline,
-                "no single leader: {:?}",
-                leader_of([&a, &b])
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(WAIT, "no single leader", || async {
+            leader_of([&a, &b]).iter().sum::<i64>() == 1
+        })
+        .await;
         let (leader, follower) = if a.metrics.leader.get() == 1 {
             (a, b)
         } else {
@@ -908,14 +921,10 @@ fn two_operators_elect_one_leader_and_the_other_takes_over() {
         leader.stop().await.expect("leader stops");
         // Scheduling slack on top of the lease duration, for a loaded 2-core CI machine.
         let takeover = Duration::from_secs(LEASE_SECONDS + 2);
-        let deadline = Instant::now() + takeover;
-        while follower.metrics.leader.get() != 1 {
-            assert!(
-                Instant::now() < deadline,
-                "the follower did not take over within {takeover:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(takeover, "the follower did not take over", || async {
+            follower.metrics.leader.get() == 1
+        })
+        .await;
         let pods = scene.pods_by_rank("le").await;
         scene
             .set_pod(
@@ -1026,19 +1035,16 @@ fn children_deleted_by_hand_are_recreated_without_a_spec_change() {
         svcs.delete("heal-workers", &DeleteParams::default())
             .await
             .expect("delete Service");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let cm = cms.get_opt("heal-config").await.expect("get ConfigMap");
-            let svc = svcs.get_opt("heal-workers").await.expect("get Service");
-            if cm.is_some_and(|c| c.uid() != cm_uid) && svc.is_some_and(|s| s.uid() != svc_uid) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the ConfigMap and Service were not recreated"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            WAIT,
+            "the ConfigMap and Service were not recreated",
+            || async {
+                let cm = cms.get_opt("heal-config").await.expect("get ConfigMap");
+                let svc = svcs.get_opt("heal-workers").await.expect("get Service");
+                cm.is_some_and(|c| c.uid() != cm_uid) && svc.is_some_and(|s| s.uid() != svc_uid)
+            },
+        )
+        .await;
 
         // The Secret is not watched (least privilege); a replacement pod needs it, so the
         // operator puts it back before creating one.
@@ -1072,22 +1078,14 @@ fn a_crashed_leader_is_replaced_once_its_lease_expires() {
     run(async {
         let mut scene = Scene::new("op-crash").await;
         scene.stop_operator().await;
-        let elected = |id: &str| Config {
-            leader_elect: true,
-            lease_name: "petl-operator-crash".into(),
-            lease_duration_seconds: LEASE_SECONDS,
-            lease_renew_grace_seconds: 2,
-            identity: Some(id.into()),
-            ..operator_config(&scene.ns)
-        };
+        let elected = |id: &str| elected(&scene.ns, "petl-operator-crash", id);
         let a = Operator::start(scene.cp.client(), elected("a"))
             .await
             .expect("a starts");
-        let deadline = Instant::now() + WAIT;
-        while a.metrics.leader.get() != 1 {
-            assert!(Instant::now() < deadline, "a never became the leader");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(WAIT, "a never became the leader", || async {
+            a.metrics.leader.get() == 1
+        })
+        .await;
         let b = Operator::start(scene.cp.client(), elected("b"))
             .await
             .expect("b starts");
@@ -1103,14 +1101,11 @@ fn a_crashed_leader_is_replaced_once_its_lease_expires() {
             0,
             "b took over before the crashed leader's lease expired"
         );
-        let takeover = Duration::from_secs(3 * LEASE_SECONDS);
-        while b.metrics.leader.get() != 1 {
-            assert!(
-                crashed.elapsed() < takeover,
-                "b did not take over within {takeover:?} of the crash"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let takeover = Duration::from_secs(3 * LEASE_SECONDS).saturating_sub(crashed.elapsed());
+        eventually(takeover, "b did not take over after the crash", || async {
+            b.metrics.leader.get() == 1
+        })
+        .await;
         scene
             .set_pod(
                 "cr-worker-0",
