@@ -1,7 +1,7 @@
 //! The kube-runtime Controller over PetlJobs: watches (PetlJobs filtered by generation, their
 //! pods, ConfigMaps and Services by label), the finalizer-wrapped reconcile, and the error policy.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -32,12 +32,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The operator's flags.
     pub config: Config,
-    /// Per job UID, ranks whose pod the operator stopped and has not replaced yet.
-    pub(crate) awaiting: Mutex<HashMap<String, BTreeSet<i32>>>,
-    /// Per job UID, the resourceVersion of this operator's last status write.
-    pub(crate) written: Mutex<HashMap<String, String>>,
-    /// Per job UID, how fresh the next list of its pods must be (see `reconcile::PodRead`).
-    pub(crate) pod_reads: Mutex<HashMap<String, crate::reconcile::PodRead>>,
+    /// What this operator remembers of each job between reconciles, by job UID.
+    pub(crate) jobs: Mutex<HashMap<String, crate::reconcile::JobMemory>>,
     /// The ConfigMaps and Services the current leadership term watches.
     children: RwLock<ChildStores>,
 }
@@ -62,9 +58,7 @@ impl Context {
             client,
             metrics,
             config,
-            awaiting: Mutex::new(HashMap::new()),
-            written: Mutex::new(HashMap::new()),
-            pod_reads: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(HashMap::new()),
             children: RwLock::new(ChildStores::default()),
         }
     }

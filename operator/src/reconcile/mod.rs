@@ -131,12 +131,7 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
 /// carries that write is used as is; otherwise the job is read from the API server.
 async fn read_fresh(cached: &PetlJob, names: &Names, ctx: &Context) -> Result<Option<PetlJob>> {
     let uid = cached.uid().unwrap_or_default();
-    let written = ctx
-        .written
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&uid)
-        .cloned();
+    let written = ctx.with_job(&uid, |m| m.status_version.clone());
     if written.is_some() && written == cached.resource_version() {
         return Ok(Some(cached.clone()));
     }
@@ -276,10 +271,7 @@ async fn list_rank_pods(
     let pods = api.list(&ctx.pod_read(job).params(&selector)).await?;
     // What this list saw is the floor for the next one (the reconcile's own writes raise it).
     if let Some(version) = pods.metadata.resource_version.clone() {
-        ctx.pod_reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid.clone(), PodRead::NotOlderThan(version));
+        ctx.with_job(&uid, |m| m.pod_read = Some(PodRead::NotOlderThan(version)));
     }
     Ok(pods
         .items
@@ -402,11 +394,8 @@ async fn write_status(
             &Patch::Apply(&patch),
         )
         .await?;
-    if let (Some(uid), Some(version)) = (updated.uid(), updated.resource_version()) {
-        ctx.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid, version);
+    if let Some(uid) = updated.uid() {
+        ctx.with_job(&uid, |m| m.status_version = updated.resource_version());
     }
     Ok(())
 }
@@ -473,14 +462,14 @@ impl Context {
 
     /// Ranks stopped by the operator and not yet replaced: those in memory plus those whose
     /// labelled pod is still terminating (which survives an operator restart).
+    /// Run `f` on what this operator remembers of job `uid` (created empty on first use).
+    fn with_job<R>(&self, uid: &str, f: impl FnOnce(&mut JobMemory) -> R) -> R {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        f(jobs.entry(uid.to_string()).or_default())
+    }
+
     fn awaiting_ranks(&self, uid: &str, pods: &[RankPod]) -> BTreeSet<i32> {
-        let mut ranks = self
-            .awaiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(uid)
-            .cloned()
-            .unwrap_or_default();
+        let mut ranks = self.with_job(uid, |m| m.awaiting.clone());
         ranks.extend(
             pods.iter()
                 .filter(|p| p.deleting && p.stopped_by_operator)
@@ -490,38 +479,21 @@ impl Context {
     }
 
     fn await_replacement(&self, uid: &str, rank: i32) {
-        self.awaiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(uid.to_string())
-            .or_default()
-            .insert(rank);
+        self.with_job(uid, |m| m.awaiting.insert(rank));
     }
 
     fn replaced(&self, uid: &str, rank: i32) {
-        let mut awaiting = self.awaiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ranks) = awaiting.get_mut(uid) {
-            ranks.remove(&rank);
-            if ranks.is_empty() {
-                awaiting.remove(uid);
-            }
-        }
+        self.with_job(uid, |m| m.awaiting.remove(&rank));
     }
 
     /// How fresh the next list of `job`'s pods must be.
     fn pod_read(&self, job: &PetlJob) -> PodRead {
         let uid = job.uid().unwrap_or_default();
-        let recorded = self
-            .pod_reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&uid)
-            .cloned();
         let never_reconciled = job
             .status
             .as_ref()
             .is_none_or(|s| s.observed_generation.is_none());
-        match recorded {
+        match self.with_job(&uid, |m| m.pod_read.clone()) {
             Some(read) => read,
             None if never_reconciled => PodRead::Any,
             // Pods written by an earlier operator process, at versions this one never saw.
@@ -531,29 +503,32 @@ impl Context {
 
     /// Note a write to `uid`'s pods, so the next list sees it.
     fn pods_written(&self, uid: &str, read: PodRead) {
-        let mut reads = self.pod_reads.lock().unwrap_or_else(|p| p.into_inner());
-        let next = match reads.remove(uid) {
-            Some(previous) => previous.newer(read),
-            None => read,
-        };
-        reads.insert(uid.to_string(), next);
+        self.with_job(uid, |m| {
+            m.pod_read = Some(match m.pod_read.take() {
+                Some(previous) => previous.newer(read),
+                None => read,
+            });
+        });
     }
 
     fn forget(&self, uid: &str) {
-        self.pod_reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
-        self.awaiting
+        self.jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);
         self.metrics.forget_job(uid);
     }
+}
+
+/// What the operator remembers of one job between its reconciles.
+#[derive(Debug, Default)]
+pub struct JobMemory {
+    /// Ranks whose pod the operator stopped and has not replaced yet.
+    awaiting: BTreeSet<i32>,
+    /// The resourceVersion of the operator's last status write.
+    status_version: Option<String>,
+    /// How fresh the next list of the job's pods must be.
+    pod_read: Option<PodRead>,
 }
 
 #[cfg(test)]
