@@ -8,6 +8,7 @@ mod pki;
 pub mod pod_status;
 mod process;
 pub mod prometheus;
+pub mod sample_job;
 
 pub use binaries::{Binaries, HELM_VERSION, KUBERNETES_VERSION, cache_dir};
 pub use control_plane::{
@@ -16,3 +17,4 @@ pub use control_plane::{
 pub use error::{Error, Result};
 pub use pod_status::{PodStatusUpdate, set_pod_status};
 pub use prometheus::{Prometheus, Sample};
+pub use sample_job::sample_job;

