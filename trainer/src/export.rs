@@ -191,11 +191,7 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
 pub fn read_adapter(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
     let config_path = dir.join(CONFIG_FILE);
     let weights_path = dir.join(WEIGHTS_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: config_path.display().to_string(),
-        source,
-    })?;
+    let value: serde_json::Value = crate::read_json(&config_path)?;
     let config = parse_config(&config_path, value)?;
     if !weights_path.exists() {
         return Err(Error::Missing {

@@ -139,15 +139,7 @@ pub struct Bert {
 impl Bert {
     /// Loads `config.json` and `model.safetensors` from a Hugging Face model directory.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-            path: config_path.display().to_string(),
-            source,
-        })?;
-        let config: Config = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: config_path.display().to_string(),
-            source,
-        })?;
+        let config: Config = crate::read_json(&dir.join("config.json"))?;
         let weights = Weights::open(&dir.join("model.safetensors"), dtype, device)?;
         Self::from_weights(config, &weights)
     }

@@ -541,15 +541,7 @@ impl Llama {
     /// Loads an HF checkpoint directory (`config.json`, `model.safetensors`). Weights stay dense
     /// f32 for `FrozenFormat::F32`/`AsStored`, or are quantized for `Requantize`.
     pub fn from_hf_dir(dir: &Path, format: FrozenFormat, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-            path: config_path.display().to_string(),
-            source,
-        })?;
-        let config: Config = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: config_path.display().to_string(),
-            source,
-        })?;
+        let config: Config = crate::read_json(&dir.join("config.json"))?;
         let weights_path = dir.join("model.safetensors");
         let file = weights_path.display().to_string();
         if !weights_path.exists() {
