@@ -151,7 +151,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         services: Some(services),
     };
     let (reader, writer) = reflector::store();
-    let job_stream = watcher(jobs, watcher::Config::default().any_semantic())
+    // PetlJobs are listed consistently (from etcd, not a possibly older API server cache): a
+    // job's first reconcile trusts a cached copy without status to mean no operator reported.
+    let job_stream = watcher(jobs, watcher::Config::default())
         .default_backoff()
         .modify(|job| job.managed_fields_mut().clear())
         .reflect(writer)

@@ -14,6 +14,7 @@ use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostPa
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use petl_crds::{ConditionType, PetlJob, PetlJobStatus, Phase};
+use petl_operator::reconcile::children::{self, Names};
 use petl_operator::{Config, Operator};
 use petl_tests::{ControlPlane, PodStatusUpdate, sample_job};
 use serde_json::json;
@@ -837,6 +838,46 @@ fn a_restarted_operator_creates_no_duplicate_pods_and_keeps_counting() {
             1,
             "the failure is counted once"
         );
+        scene.finish().await;
+    });
+}
+
+#[test]
+fn pods_an_operator_created_before_it_could_report_are_not_duplicated() {
+    run(async {
+        let mut scene = Scene::new("op-unreported").await;
+        scene.stop_operator().await;
+        // What an operator stopped between creating rank 0's pod and writing status leaves.
+        let job = scene.create("ur", 2, json!({})).await;
+        let names = Names::of(&job).expect("short name");
+        let pod = children::pod(&job, &names, 0, None).expect("pod renders");
+        let earlier = scene
+            .pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("rank 0 created");
+
+        let operator = Operator::start(scene.cp.client(), operator_config(&scene.ns))
+            .await
+            .expect("operator starts");
+        scene.operator = Some(operator);
+        let pods = scene.wait_pods("ur", 2).await;
+        assert_eq!(pods[&0].uid(), earlier.uid(), "rank 0 keeps its pod");
+        let status = scene
+            .wait_status("ur", "the first report", |s| {
+                s.observed_generation.is_some() && s.start_time.is_some()
+            })
+            .await;
+        assert_eq!(status.phase, Some(Phase::Pending));
+        assert!(
+            status
+                .restarts
+                .as_ref()
+                .is_none_or(|r| r.counted == 0 && r.ignored == 0),
+            "nothing was lost: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(scene.pods_by_rank("ur").await.len(), 2, "no duplicate pods");
         scene.finish().await;
     });
 }

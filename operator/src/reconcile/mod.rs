@@ -7,6 +7,7 @@ pub mod ranks;
 pub mod status;
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,27 +36,26 @@ const RESYNC: Duration = Duration::from_secs(600);
 /// Bring the job's children and status in line with its spec.
 pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     let names = Names::of(&cached)?;
-    let client = &ctx.client;
     let uid = cached.uid().unwrap_or_default();
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
-    // Independent reads, so one round trip: pods are matched to this job by its UID.
-    let (fresh, pods) = tokio::try_join!(
-        read_fresh(&cached, &names, ctx),
-        list_rank_pods(&pods_api, &names, &cached, ctx)
-    )?;
-    let Some(job) = fresh else {
-        return Ok(Action::await_change());
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let first = ctx.first_look(&cached);
+    let (job, pods) = if first {
+        // Nothing to read: no operator has reported on the job, and this one wrote nothing of
+        // it. Each create proves its rank has no pod yet (409 otherwise), and the status write
+        // is conditional on the cached version, so a cache that was behind is caught either way.
+        (cached.as_ref().clone(), Vec::new())
+    } else {
+        // Independent reads, so one round trip: pods are matched to this job by its UID.
+        let (fresh, pods) = tokio::try_join!(
+            read_fresh(&cached, &names, ctx),
+            list_rank_pods(&pods_api, &names, &cached, ctx)
+        )?;
+        let Some(job) = fresh else {
+            return Ok(Action::await_change());
+        };
+        (job, pods)
     };
     let status = job.status.clone().unwrap_or_default();
-
-    let live = !status.is_finished() && !job.spec.suspend;
-    let stale = status.observed_generation != job.metadata.generation
-        || ctx.children_missing(&names.namespace, &names.config_map(), &names.service());
-    let mut ensured = false;
-    if live && stale {
-        ensure_children_or_report(&job, &names, ctx).await?;
-        ensured = true;
-    }
 
     let awaiting = ctx.awaiting_ranks(&uid, &pods);
     let plan = plan::plan(&Observed {
@@ -68,42 +68,52 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
         now: Timestamp::now(),
     });
 
-    let mut replace_now = Vec::new();
-    for stop in &plan.stop {
-        let pod = pods.iter().find(|p| p.uid == stop.uid);
-        let gone = stop_pod(
-            &pods_api,
-            stop,
-            pod.is_some_and(|p| p.stopped_by_operator),
-            |read| ctx.pods_written(&uid, read),
-        )
-        .await?;
-        if stop.replace {
-            if gone {
-                replace_now.push(stop.rank);
-            } else {
-                ctx.await_replacement(&uid, stop.rank);
+    let live = !status.is_finished() && !job.spec.suspend;
+    let stale = status.observed_generation != job.metadata.generation
+        || ctx.children_missing(&names.namespace, &names.config_map(), &names.service());
+    // A new pod mounts the ConfigMap and the Secret, so they are put back (if deleted by hand)
+    // whenever a pod is created. Not first, though: the kubelet retries a pod's volumes until
+    // their objects exist, so both go out at once and a new job costs one round trip less.
+    let pods_due = !plan.create.is_empty() || plan.stop.iter().any(|s| s.replace);
+    let children = if (live && stale) || pods_due {
+        Some(ensure_children_or_report(&job, &names, ctx)?)
+    } else {
+        None
+    };
+    let workers = carry_out_pods(&plan, &pods, &job, &names, &pods_api, ctx);
+    let ((), taken) = tokio::try_join!(
+        async {
+            match children {
+                Some(children) => children.await,
+                None => Ok(()),
             }
-        }
+        },
+        workers
+    )?;
+    if first && !taken.is_empty() {
+        // Pods exist that this operator never saw (another one created them): look properly.
+        info!(job = %names.job, namespace = %names.namespace, ranks = ?taken, "pods exist already; reading the job's pods");
+        ctx.pods_written(&uid, PodRead::Consistent);
+        return Ok(Action::requeue(Duration::ZERO));
     }
-    let creates: Vec<i32> = plan.create.iter().copied().chain(replace_now).collect();
-    if !creates.is_empty() && !ensured {
-        // A new pod mounts the ConfigMap and the Secret; put back whatever was deleted by hand.
-        ensure_children_or_report(&job, &names, ctx).await?;
+    for rank in taken {
+        // The rank's previous pod still terminates; its deletion triggers the next attempt.
+        ctx.await_replacement(&uid, rank);
     }
-    futures::future::try_join_all(
-        creates
-            .into_iter()
-            .map(|rank| create_pod(&job, &names, rank, ctx, &pods_api, &uid)),
-    )
-    .await?;
 
-    write_status(&job, &status, &plan.status, ctx).await?;
+    let precondition = first.then(|| cached.resource_version()).flatten();
+    let written = write_status(&job, &status, &plan.status, precondition, ctx).await?;
     report(&job, &uid, &plan, ctx);
+    if !written {
+        // The job changed since the cached copy was taken (its status may hold more than
+        // nothing): plan again from the job as it is now.
+        info!(job = %names.job, namespace = %names.namespace, "the job changed before its first status write; reading it again");
+        return Ok(Action::requeue(Duration::ZERO));
+    }
 
     if plan.delete_job {
         info!(job = %names.job, namespace = %names.namespace, "ttlSecondsAfterFinished expired; deleting the PetlJob");
-        let jobs: Api<PetlJob> = Api::namespaced(client.clone(), &names.namespace);
+        let jobs: Api<PetlJob> = Api::namespaced(ctx.client.clone(), &names.namespace);
         let params = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: Some(uid),
@@ -121,6 +131,49 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(
         plan.requeue_after.map_or(RESYNC, |d| d.min(RESYNC)),
     ))
+}
+
+/// Stop the pods the plan stops, then create the ranks it creates and the replacements whose
+/// predecessor is gone. Returns the ranks whose pod name was still taken.
+async fn carry_out_pods(
+    plan: &Plan,
+    pods: &[RankPod],
+    job: &PetlJob,
+    names: &Names,
+    pods_api: &Api<Pod>,
+    ctx: &Context,
+) -> Result<Vec<i32>> {
+    let uid = job.uid().unwrap_or_default();
+    let mut replace_now = Vec::new();
+    for stop in &plan.stop {
+        let pod = pods.iter().find(|p| p.uid == stop.uid);
+        let gone = stop_pod(
+            pods_api,
+            stop,
+            pod.is_some_and(|p| p.stopped_by_operator),
+            |read| ctx.pods_written(&uid, read),
+        )
+        .await?;
+        if stop.replace {
+            if gone {
+                replace_now.push(stop.rank);
+            } else {
+                ctx.await_replacement(&uid, stop.rank);
+            }
+        }
+    }
+    let creates = plan.create.iter().copied().chain(replace_now);
+    let uid = uid.as_str();
+    let created = futures::future::try_join_all(creates.map(|rank| async move {
+        let created = create_pod(job, names, rank, ctx, pods_api, uid).await?;
+        Ok::<_, Error>((rank, created))
+    }))
+    .await?;
+    Ok(created
+        .into_iter()
+        .filter(|(_, created)| !created)
+        .map(|(rank, _)| rank)
+        .collect())
 }
 
 /// The job as the API server has it now, or None when it is gone or was recreated.
@@ -178,44 +231,43 @@ pub async fn cleanup(job: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// Server-side apply the ConfigMap and Service; create the token Secret once.
-/// [`ensure_children`], telling the user on the PetlJob when its spec cannot be rendered.
-async fn ensure_children_or_report(job: &PetlJob, names: &Names, ctx: &Context) -> Result<()> {
-    let result = ensure_children(job, names, ctx).await;
-    if let Err(e) = &result {
-        publish_invalid(job, ctx, e);
-    }
-    result
-}
-
-async fn ensure_children(job: &PetlJob, names: &Names, ctx: &Context) -> Result<()> {
-    let client = &ctx.client;
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let cm = children::config_map(job, names)?;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &names.namespace);
-    let svcs: Api<Service> = Api::namespaced(client.clone(), &names.namespace);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &names.namespace);
+/// Server-side apply the ConfigMap and Service; create the token Secret once. The objects
+/// are rendered at once (telling the user on the PetlJob when its spec cannot be rendered);
+/// the requests go out when the returned future runs.
+fn ensure_children_or_report<'a>(
+    job: &PetlJob,
+    names: &Names,
+    ctx: &'a Context,
+) -> Result<impl Future<Output = Result<()>> + 'a> {
+    let cm = children::config_map(job, names).inspect_err(|e| publish_invalid(job, ctx, e))?;
     let service = children::service(job, names);
-    let post = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PostParams::default()
-    };
     let secret = children::secret(job, names);
-    let config_map_name = names.config_map();
-    let service_name = names.service();
-    let (cm, service) = (Patch::Apply(&cm), Patch::Apply(&service));
-    let apply_config_map = cms.patch(&config_map_name, &params, &cm);
-    let apply_service = svcs.patch(&service_name, &params, &service);
-    // Created once: a conflict means it exists, and its token must not change under the pods.
-    let create_secret = async {
-        match secrets.create(&post, &secret).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-            Err(e) => Err(e),
-        }
-    };
-    tokio::try_join!(apply_config_map, apply_service, create_secret)?;
-    Ok(())
+    let namespace = names.namespace.clone();
+    let (config_map_name, service_name) = (names.config_map(), names.service());
+    Ok(async move {
+        let client = &ctx.client;
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+        let svcs: Api<Service> = Api::namespaced(client.clone(), &namespace);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+        let post = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        let (cm, service) = (Patch::Apply(&cm), Patch::Apply(&service));
+        let apply_config_map = cms.patch(&config_map_name, &params, &cm);
+        let apply_service = svcs.patch(&service_name, &params, &service);
+        // Created once: a conflict means it exists, and its token must not change under the pods.
+        let create_secret = async {
+            match secrets.create(&post, &secret).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        tokio::try_join!(apply_config_map, apply_service, create_secret)?;
+        Ok(())
+    })
 }
 
 /// How fresh a list of a job's pods must be. A consistent list makes the API server wait until
@@ -337,6 +389,7 @@ async fn stop_pod(
     }
 }
 
+/// Create the pod of `rank`; false when the name is taken.
 async fn create_pod(
     job: &PetlJob,
     names: &Names,
@@ -344,7 +397,7 @@ async fn create_pod(
     ctx: &Context,
     api: &Api<Pod>,
     uid: &str,
-) -> Result<()> {
+) -> Result<bool> {
     let pod = match children::pod(job, names, rank, ctx.config.trainer_image.as_deref()) {
         Ok(pod) => pod,
         Err(e) => {
@@ -362,42 +415,47 @@ async fn create_pod(
             ctx.pods_written(uid, version_of(&created));
             ctx.metrics.pods_created.inc();
             ctx.replaced(uid, rank);
-            Ok(())
+            Ok(true)
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            ctx.await_replacement(uid, rank);
-            Ok(())
-        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Write the operator's part of the status with server-side apply, only when it changed.
+/// Write the operator's part of the status with server-side apply, only when it changed; with
+/// a `precondition`, only while the job is still at that resourceVersion. Returns false when
+/// the precondition failed.
 async fn write_status(
     job: &PetlJob,
     old: &PetlJobStatus,
     new: &PetlJobStatus,
+    precondition: Option<String>,
     ctx: &Context,
-) -> Result<()> {
+) -> Result<bool> {
     let (old, new) = (status::owned_fields(old), status::owned_fields(new));
     if old == new {
-        return Ok(());
+        return Ok(true);
     }
     let api: Api<PetlJob> =
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
-    let patch =
+    let mut patch =
         json!({ "apiVersion": petl_crds::API_VERSION, "kind": petl_crds::KIND, "status": new });
-    let updated = api
-        .patch_status(
-            &job.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    if let Some(version) = precondition {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let updated = match api
+        .patch_status(&job.name_any(), &params, &Patch::Apply(&patch))
+        .await
+    {
+        Ok(updated) => updated,
+        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
     if let Some(uid) = updated.uid() {
         ctx.with_job(&uid, |m| m.status_version = updated.resource_version());
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Publish the plan's events and update metrics.
@@ -486,6 +544,14 @@ impl Context {
         self.with_job(uid, |m| m.awaiting.remove(&rank));
     }
 
+    /// Whether `job` can be reconciled without reading it or its pods: it has no status (no
+    /// operator has reported on it), it is to run, and this operator has written nothing of it.
+    fn first_look(&self, job: &PetlJob) -> bool {
+        job.status.is_none()
+            && !job.spec.suspend
+            && self.with_job(&job.uid().unwrap_or_default(), |m| m.is_blank())
+    }
+
     /// How fresh the next list of `job`'s pods must be.
     fn pod_read(&self, job: &PetlJob) -> PodRead {
         let uid = job.uid().unwrap_or_default();
@@ -529,6 +595,13 @@ pub struct JobMemory {
     status_version: Option<String>,
     /// How fresh the next list of the job's pods must be.
     pod_read: Option<PodRead>,
+}
+
+impl JobMemory {
+    /// Nothing remembered: this operator has not written anything of the job.
+    fn is_blank(&self) -> bool {
+        self.awaiting.is_empty() && self.status_version.is_none() && self.pod_read.is_none()
+    }
 }
 
 #[cfg(test)]

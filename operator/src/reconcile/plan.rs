@@ -267,7 +267,8 @@ fn active(o: &Observed, p: &mut Plan) {
     }
 
     creation_events(o, p, started, resuming);
-    if p.status.start_time.is_none() && !p.create.is_empty() {
+    // Pods an earlier operator created before it could report them start the clock too.
+    if p.status.start_time.is_none() && !(p.create.is_empty() && o.pods.is_empty()) {
         p.status.start_time = Some(now.clone());
     }
     track_recovery(o, p, &losses, ready);
@@ -738,6 +739,20 @@ mod tests {
         assert!(p.create.is_empty());
         assert_eq!(w.status.phase, Some(Phase::Running));
         assert_eq!(p.time_to_running, Some(0.0));
+    }
+
+    #[test]
+    fn pods_created_before_any_report_start_the_clock_and_are_no_loss() {
+        let mut w = World::new(2);
+        w.pods = vec![
+            rank_pod(0, PodState::Active { ready: false }),
+            rank_pod(1, PodState::Active { ready: false }),
+        ];
+        let p = w.step();
+        assert!(p.create.is_empty());
+        assert!(p.failures.is_empty());
+        assert!(w.status.start_time.is_some());
+        assert_eq!(w.status.phase, Some(Phase::Pending));
     }
 
     #[test]
