@@ -3,6 +3,7 @@
 
 // Core (trainer-core): the tape, backbones, methods, optimiser, loop, memory accounting.
 pub mod init;
+pub mod kernels;
 pub mod memory;
 pub mod methods;
 pub mod models;

@@ -9,6 +9,28 @@ static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicUsize = AtomicUsize::new(0);
 
+/// Makes the C allocator keep freed memory for reuse instead of handing it back to the kernel.
+///
+/// glibc serves blocks above its mmap threshold (at most 32 MiB, and the embedding's gradient
+/// and moments are 47 MiB) with fresh mappings and trims its heap as soon as 2× that is free at
+/// the top. A training step frees and reallocates the same large buffers every step, so each step
+/// paid for millions of page faults and zeroed pages; on the bench machine this took 2.5 M faults
+/// and 36 s of CPU for 16 MiniLM steps, 0.42 M and 31 s with the setting. Peak memory is
+/// unchanged: the steps reuse what the first one allocated. Idempotent; does nothing off glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator tunables; both values are in range.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        });
+    }
+}
+
 /// Wraps the system allocator and counts requested bytes. Every candle CPU buffer is a Rust `Vec`,
 /// so this sees all tensor memory; it does not see mmap'd files or thread stacks.
 ///

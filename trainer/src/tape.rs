@@ -16,7 +16,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
 };
 
-use crate::{Error, Result};
+use crate::{Error, Result, kernels};
 
 /// A backward closure: gets the gradient of the node's output, returns one optional gradient per
 /// parent handed to [`attach`], in the same order.
@@ -382,10 +382,17 @@ impl Linear {
     /// The forward with a fused nonlinearity.
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let (x2, lead) = flat2(&x.detach())?;
-        let mut u = x2.matmul(&self.weight.detach().t()?)?;
-        if let Some(b) = &self.bias {
-            u = u.broadcast_add(&b.detach())?;
-        }
+        let (w, b) = (self.weight.detach(), self.bias.as_ref().map(Tensor::detach));
+        let mut u = match kernels::linear(&x2, &w, b.as_ref())? {
+            Some(u) => u,
+            None => {
+                let u = x2.matmul(&w.t()?)?;
+                match &b {
+                    Some(b) => u.broadcast_add(b)?,
+                    None => u,
+                }
+            }
+        };
         let mut lora_state = None;
         if let Some(l) = &self.lora {
             let mask = match &l.dropout {
@@ -408,21 +415,13 @@ impl Linear {
         let need_any = need_dx || need_dw || need_db || need_lora;
         let (y, deriv) = match act {
             Activation::Identity => (u, None),
-            Activation::Gelu => {
-                let d = if need_any {
-                    Some(gelu_derivative(&u)?)
-                } else {
-                    None
-                };
-                (u.gelu_erf()?, d)
-            }
+            Activation::Gelu => gelu_parts(&u, need_any)?,
         };
         let y = unflat(&y, &lead)?;
         if !need_any {
             return Ok(y);
         }
 
-        let w = self.weight.detach();
         let saved_x = need_dw.then_some(x2);
         let lora_parts = lora.map(|l| (l.a.detach(), l.b.detach(), l.scale));
         let lora_saved = if need_lora || need_dx {
@@ -483,39 +482,68 @@ fn gelu_derivative(u: &Tensor) -> candle_core::Result<Tensor> {
     cdf? + (u * pdf?)?
 }
 
+/// GELU of `u` and, when `derivative`, its derivative: one fused pass on the CPU, candle's ops
+/// elsewhere.
+fn gelu_parts(u: &Tensor, derivative: bool) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    if let Some(fused) = kernels::gelu(u, derivative)? {
+        return Ok(fused);
+    }
+    let d = if derivative {
+        Some(gelu_derivative(u)?)
+    } else {
+        None
+    };
+    Ok((u.gelu_erf()?, d))
+}
+
 /// Exact GELU as a node that saves only its derivative.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    let xd = x.detach();
-    let y = xd.gelu_erf()?;
-    if !tracks(x) {
+    let (y, d) = gelu_parts(&x.detach(), tracks(x))?;
+    let Some(d) = d else {
         return Ok(y);
-    }
-    let d = gelu_derivative(&xd)?;
+    };
     attach(&[x], y, move |g| Ok(vec![Some((g * &d)?)]))
 }
 
 /// Softmax over the last dimension; saves its output only.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let y = softmax_values(&x.detach())?;
+    let y = softmax_values(&x.detach(), 1.0, None)?;
     if !tracks(x) {
         return Ok(y);
     }
     let saved = y.clone();
     attach(&[x], y, move |g| {
-        Ok(vec![Some(softmax_backward(&saved, g)?)])
+        Ok(vec![Some(softmax_backward(&saved, g, 1.0)?)])
     })
 }
 
-fn softmax_values(x: &Tensor) -> candle_core::Result<Tensor> {
+/// `softmax(x·scale + bias)` over the last dimension, `bias` broadcast to `x`.
+fn softmax_values(x: &Tensor, scale: f64, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if let Some(fused) = kernels::softmax(x, scale as f32, bias)? {
+        return Ok(fused);
+    }
+    let mut x = if scale == 1.0 {
+        x.clone()
+    } else {
+        (x * scale)?
+    };
+    if let Some(b) = bias {
+        x = x.broadcast_add(b)?;
+    }
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     e.broadcast_div(&sum)
 }
 
-fn softmax_backward(y: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+/// The gradient of [`softmax_values`] with respect to `x`, from its output `y`.
+fn softmax_backward(y: &Tensor, g: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if let Some(fused) = kernels::softmax_backward(y, g, scale as f32)? {
+        return Ok(fused);
+    }
     let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-    y * g.broadcast_sub(&dot)?
+    let dx = (y * g.broadcast_sub(&dot)?)?;
+    if scale == 1.0 { Ok(dx) } else { dx * scale }
 }
 
 /// LayerNorm over the last dimension with optional trainable gain and shift.
@@ -529,15 +557,7 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Saves the normalised input and the reciprocal standard deviation, never the raw input.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xd = x.detach();
-        let mean = xd.mean_keepdim(D::Minus1)?;
-        let xc = xd.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let rstd = (var + self.eps)?.sqrt()?.recip()?;
-        let xhat = xc.broadcast_mul(&rstd)?;
-        let y = xhat
-            .broadcast_mul(&self.weight.detach())?
-            .broadcast_add(&self.bias.detach())?;
+        let (y, xhat, rstd) = self.normalise(&x.detach())?;
         let need_dx = tracks(x);
         let need_dg = trainable(&self.weight);
         let need_db = trainable(&self.bias);
@@ -556,19 +576,45 @@ impl LayerNorm {
             };
             let db = if need_db { Some(g2.sum(0)?) } else { None };
             let dx = match &saved_rstd {
-                Some(rstd) => {
-                    let dxhat = g.broadcast_mul(&gamma)?;
-                    let m1 = dxhat.mean_keepdim(D::Minus1)?;
-                    let m2 = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
-                    let inner = dxhat.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?;
-                    Some(inner.broadcast_mul(rstd)?)
-                }
+                Some(rstd) => Some(layer_norm_backward(g, &xhat, rstd, &gamma)?),
                 None => None,
             };
             Ok(vec![dx, dg, db])
         };
         attach(&[x, &self.weight, &self.bias], y, bwd)
     }
+
+    /// The output, the normalised input and `1/σ` per row (kept dims).
+    fn normalise(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (gamma, beta) = (self.weight.detach(), self.bias.detach());
+        if let Some(n) = kernels::layer_norm(x, &gamma, &beta, self.eps)? {
+            return Ok((n.y, n.xhat, n.rstd));
+        }
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        let y = xhat.broadcast_mul(&gamma)?.broadcast_add(&beta)?;
+        Ok((y, xhat, rstd))
+    }
+}
+
+/// LayerNorm's input gradient from the output gradient, the normalised input and `1/σ`.
+fn layer_norm_backward(
+    g: &Tensor,
+    xhat: &Tensor,
+    rstd: &Tensor,
+    gamma: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if let Some(fused) = kernels::layer_norm_backward(g, xhat, rstd, gamma)? {
+        return Ok(fused);
+    }
+    let dxhat = g.broadcast_mul(gamma)?;
+    let m1 = dxhat.mean_keepdim(D::Minus1)?;
+    let m2 = (&dxhat * xhat)?.mean_keepdim(D::Minus1)?;
+    let inner = dxhat.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?;
+    inner.broadcast_mul(rstd)
 }
 
 /// Turns a `(B, T)` 0/1 attention mask into the additive `(B, 1, 1, T)` bias attention adds to
@@ -598,17 +644,15 @@ pub fn attention(
     }
     let dh = d / heads;
     let scale = 1.0 / (dh as f64).sqrt();
+    // `(B, T, H·dh)` seen as `(B, H, T, dh)`: a view, no copy.
     let split = move |x: &Tensor| -> candle_core::Result<Tensor> {
-        x.reshape((b, t, heads, dh))?.transpose(1, 2)?.contiguous()
-    };
-    let merge = move |x: &Tensor| -> candle_core::Result<Tensor> {
-        x.transpose(1, 2)?.contiguous()?.reshape((b, t, d))
+        x.reshape((b, t, heads, dh))?.transpose(1, 2)
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let (qh, kh, vh) = (split(&qd)?, split(&kd)?, split(&vd)?);
-    let scores = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(bias)?;
-    let p = softmax_values(&scores)?;
-    let ctx = merge(&p.matmul(&vh)?)?;
+    let scores = per_head(&qh, &kh.t()?, false)?;
+    let p = softmax_values(&scores, scale, Some(bias))?;
+    let ctx = per_head(&p, &vh, true)?;
     drop((qh, kh, vh, scores));
     if !(tracks(q) || tracks(k) || tracks(v)) {
         return Ok(ctx);
@@ -616,18 +660,28 @@ pub fn attention(
     let bwd = move |g: &Tensor| {
         let (qh, kh, vh) = (split(&qd)?, split(&kd)?, split(&vd)?);
         let gh = split(g)?;
-        let dp = gh.matmul(&vh.t()?)?;
-        let dv = p.t()?.matmul(&gh)?;
-        let ds = (softmax_backward(&p, &dp)? * scale)?;
-        let dq = ds.matmul(&kh)?;
-        let dk = ds.t()?.matmul(&qh)?;
-        Ok(vec![
-            Some(merge(&dq)?),
-            Some(merge(&dk)?),
-            Some(merge(&dv)?),
-        ])
+        let dp = per_head(&gh, &vh.t()?, false)?;
+        let dv = per_head(&p.t()?, &gh, true)?;
+        let ds = softmax_backward(&p, &dp, scale)?;
+        let dq = per_head(&ds, &kh, true)?;
+        let dk = per_head(&ds.t()?, &qh, true)?;
+        Ok(vec![Some(dq), Some(dk), Some(dv)])
     };
     attach(&[q, k, v], ctx, bwd)
+}
+
+/// `a·b` per (batch, head) of `(B, H, M, K)` and `(B, H, K, N)` views, optionally with the heads
+/// merged back into `(B, M, H·N)`.
+fn per_head(a: &Tensor, b: &Tensor, merge_heads: bool) -> candle_core::Result<Tensor> {
+    if let Some(fused) = kernels::matmul_per_head(a, b, merge_heads)? {
+        return Ok(fused);
+    }
+    let c = a.contiguous()?.matmul(&b.contiguous()?)?;
+    if !merge_heads {
+        return Ok(c);
+    }
+    let (nb, nh, m, n) = c.dims4()?;
+    c.transpose(1, 2)?.contiguous()?.reshape((nb, m, nh * n))
 }
 
 /// The sum of several embedding lookups (`ids` u32, `table` `(vocab, d)`), as one node that

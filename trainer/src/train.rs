@@ -166,6 +166,7 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(method: Box<dyn Method>, config: TrainConfig) -> Self {
+        crate::memory::keep_freed_memory();
         let optimizer = AdamW::new(method.parameters(), config.weight_decay);
         Self {
             method,
@@ -183,14 +184,13 @@ impl Trainer {
         self.step
     }
 
-    /// The current state. Parameters are copied (the optimiser updates them in place);
-    /// moments are shared handles (each step replaces them rather than writing into them).
+    /// The current state, copied: the optimiser updates parameters and moments in place.
     pub fn state(&self) -> Result<TrainingState> {
         let mut tensors = Vec::new();
         for (n, v) in self.optimizer.parameters() {
             tensors.push((format!("param/{n}"), v.as_tensor().detach().copy()?));
         }
-        tensors.extend(self.optimizer.state());
+        tensors.extend(self.optimizer.state()?);
         Ok(TrainingState {
             step: self.step,
             tensors,
