@@ -151,10 +151,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     };
     let product = with_f32(x, |xs| {
         with_f32(w, |ws| {
-            let mut y: Vec<f32> = match &bias {
-                Some(b) => b.iter().copied().cycle().take(rows * out).collect(),
-                None => Vec::with_capacity(rows * out),
-            };
+            let mut y: Vec<f32> = Vec::with_capacity(rows * out);
+            if let Some(b) = &bias {
+                for _ in 0..rows {
+                    y.extend_from_slice(b);
+                }
+            }
             let threads = candle_core::utils::get_num_threads();
             let parallelism = if threads > 1 {
                 gemm::Parallelism::Rayon(threads)
@@ -194,6 +196,71 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     product
         .map(|y| Tensor::from_vec(y, (rows, out), x.device()))
         .transpose()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column sums (bias and LayerNorm parameter gradients)
+
+/// `Σ_rows x` of `x` `(N, d)`, or `Σ_rows x⊙y` when `y` is given: each thread sums a block of
+/// rows into its own `d` partial sums, which are then added. candle's sum over dim 0 walks each
+/// column with a stride of `d`.
+pub fn sum_rows(x: &Tensor, y: Option<&Tensor>) -> candle_core::Result<Option<Tensor>> {
+    let Ok((rows, width)) = x.dims2() else {
+        return Ok(None);
+    };
+    if y.is_some_and(|y| y.dims() != x.dims()) {
+        return Ok(None);
+    }
+    let sums = with_f32(x, |xs| {
+        let product = |ys: Option<&[f32]>| {
+            let chunk = rows_per_chunk(width, rows) * width;
+            let partial = |i: usize| {
+                let mut acc = vec![0f32; width];
+                let x = &xs[i * chunk..xs.len().min((i + 1) * chunk)];
+                let y = ys.map(|ys| &ys[i * chunk..ys.len().min((i + 1) * chunk)]);
+                add_rows(x, y, &mut acc);
+                acc
+            };
+            (0..xs.len().div_ceil(chunk.max(1)))
+                .into_par_iter()
+                .map(partial)
+                .reduce(
+                    || vec![0f32; width],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                )
+        };
+        match y {
+            Some(y) => with_f32(y, |ys| product(Some(ys))),
+            None => Some(product(None)),
+        }
+    })
+    .flatten();
+    sums.map(|s| Tensor::from_vec(s, width, x.device()))
+        .transpose()
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw+fma", "x86_64+avx2+fma"))]
+fn add_rows(x: &[f32], y: Option<&[f32]>, acc: &mut [f32]) {
+    let width = acc.len();
+    match y {
+        Some(y) => {
+            for (x, y) in x.chunks(width).zip(y.chunks(width)) {
+                for ((a, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+                    *a = x.mul_add(y, *a);
+                }
+            }
+        }
+        None => {
+            for x in x.chunks(width) {
+                for (a, &x) in acc.iter_mut().zip(x) {
+                    *a += x;
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -885,6 +952,18 @@ mod tests {
             .broadcast_mul(&rstd)
             .unwrap();
         assert!(max_diff(&got, &want) < 1e-4);
+    }
+
+    #[test]
+    fn row_sums_match_candle_sum_over_rows() {
+        let x = random(&[3000, 37], 21);
+        let y = random(&[3000, 37], 22);
+        let got = sum_rows(&x, None).unwrap().unwrap();
+        assert!(max_diff(&got, &x.sum(0).unwrap()) < 1e-2);
+        let got = sum_rows(&x, Some(&y)).unwrap().unwrap();
+        let want = (&x * &y).unwrap().sum(0).unwrap();
+        assert!(max_diff(&got, &want) < 1e-2);
+        assert!(sum_rows(&x, Some(&y.t().unwrap())).unwrap().is_none());
     }
 
     #[test]

@@ -439,7 +439,11 @@ impl Linear {
                 Some(x2) => Some(gu.t()?.matmul(x2)?),
                 None => None,
             };
-            let db = if need_db { Some(gu.sum(0)?) } else { None };
+            let db = if need_db {
+                Some(column_sums(&gu, None)?)
+            } else {
+                None
+            };
             let (mut da, mut dbl, mut dx_lora) = (None, None, None);
             if let (Some((a, b, scale)), Some((xd, mask, t))) = (&lora_parts, &lora_saved) {
                 let gb = gu.matmul(b)?; // (N, r)
@@ -472,6 +476,17 @@ impl Linear {
             None => (self.weight.detach(), self.weight.detach()),
         };
         attach(&[x, &self.weight, &bias, &a, &b], y, bwd)
+    }
+}
+
+/// `Σ_rows x` (or `Σ_rows x⊙y`) of `(N, d)` matrices: a bias's (or a gain's) gradient.
+fn column_sums(x: &Tensor, y: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if let Some(fused) = kernels::sum_rows(x, y)? {
+        return Ok(fused);
+    }
+    match y {
+        Some(y) => (x * y)?.sum(0),
+        None => x.sum(0),
     }
 }
 
@@ -570,11 +585,15 @@ impl LayerNorm {
             let (g2, _) = flat2(g)?;
             let (xh2, _) = flat2(&xhat)?;
             let dg = if need_dg {
-                Some((&g2 * &xh2)?.sum(0)?)
+                Some(column_sums(&g2, Some(&xh2))?)
             } else {
                 None
             };
-            let db = if need_db { Some(g2.sum(0)?) } else { None };
+            let db = if need_db {
+                Some(column_sums(&g2, None)?)
+            } else {
+                None
+            };
             let dx = match &saved_rstd {
                 Some(rstd) => Some(layer_norm_backward(g, &xhat, rstd, &gamma)?),
                 None => None,
