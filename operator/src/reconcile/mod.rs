@@ -73,43 +73,47 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
         || ctx.children_missing(&names.namespace, &names.config_map(), &names.service());
     // A new pod mounts the ConfigMap and the Secret, so they are put back (if deleted by hand)
     // whenever a pod is created. Not first, though: the kubelet retries a pod's volumes until
-    // their objects exist, so both go out at once and a new job costs one round trip less.
+    // their objects exist, so they go out beside the pods and the status write, off the path
+    // of a new job's two round trips.
     let pods_due = !plan.create.is_empty() || plan.stop.iter().any(|s| s.replace);
     let children = if (live && stale) || pods_due {
         Some(ensure_children_or_report(&job, &names, ctx)?)
     } else {
         None
     };
-    let workers = carry_out_pods(&plan, &pods, &job, &names, &pods_api, ctx);
-    let ((), taken) = tokio::try_join!(
-        async {
-            match children {
-                Some(children) => children.await,
-                None => Ok(()),
-            }
-        },
-        workers
-    )?;
-    if first && !taken.is_empty() {
-        // Pods exist that this operator never saw (another one created them): look properly.
-        info!(job = %names.job, namespace = %names.namespace, ranks = ?taken, "pods exist already; reading the job's pods");
-        ctx.pods_written(&uid, PodRead::Consistent);
-        return Ok(Action::requeue(Duration::ZERO));
-    }
-    for rank in taken {
-        // The rank's previous pod still terminates; its deletion triggers the next attempt.
-        ctx.await_replacement(&uid, rank);
-    }
-
+    let children = async {
+        match children {
+            Some(children) => children.await,
+            None => Ok(()),
+        }
+    };
     let precondition = first.then(|| cached.resource_version()).flatten();
-    let written = write_status(&job, &status, &plan.status, precondition, ctx).await?;
-    report(&job, &uid, &plan, ctx);
-    if !written {
-        // The job changed since the cached copy was taken (its status may hold more than
-        // nothing): plan again from the job as it is now.
-        info!(job = %names.job, namespace = %names.namespace, "the job changed before its first status write; reading it again");
+    let pods_then_status = async {
+        let taken = carry_out_pods(&plan, &pods, &job, &names, &pods_api, ctx).await?;
+        if first && !taken.is_empty() {
+            // Pods exist that this operator never saw (another one created them).
+            info!(job = %names.job, namespace = %names.namespace, ranks = ?taken, "pods exist already; reading the job's pods");
+            ctx.pods_written(&uid, PodRead::Consistent);
+            return Ok(false);
+        }
+        for rank in taken {
+            // The rank's previous pod still terminates; its deletion triggers the next attempt.
+            ctx.await_replacement(&uid, rank);
+        }
+        let written = write_status(&job, &status, &plan.status, precondition, ctx).await?;
+        if !written {
+            // The job changed since the cached copy was taken (its status may hold more
+            // than nothing).
+            info!(job = %names.job, namespace = %names.namespace, "the job changed before its first status write; reading it again");
+        }
+        Ok(written)
+    };
+    let ((), reported) = tokio::try_join!(children, pods_then_status)?;
+    if !reported {
+        // Plan again from the job and its pods as they are now.
         return Ok(Action::requeue(Duration::ZERO));
     }
+    report(&job, &uid, &plan, ctx);
 
     if plan.delete_job {
         info!(job = %names.job, namespace = %names.namespace, "ttlSecondsAfterFinished expired; deleting the PetlJob");
