@@ -106,14 +106,16 @@ pub async fn apply(cached: Arc<PetlJob>, ctx: &Context) -> Result<Action> {
             // than nothing).
             info!(job = %names.job, namespace = %names.namespace, "the job changed before its first status write; reading it again");
         }
-        Ok(written)
+        Ok::<_, Error>(written)
     };
-    let ((), reported) = tokio::try_join!(children, pods_then_status)?;
-    if !reported {
+    // Both run to the end: a failed child must not cancel a pod stop or create half-way.
+    let (children, reported) = tokio::join!(children, pods_then_status);
+    if !reported? {
         // Plan again from the job and its pods as they are now.
         return Ok(Action::requeue(Duration::ZERO));
     }
     report(&job, &uid, &plan, ctx);
+    children?;
 
     if plan.delete_job {
         info!(job = %names.job, namespace = %names.namespace, "ttlSecondsAfterFinished expired; deleting the PetlJob");
