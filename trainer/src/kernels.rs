@@ -1,11 +1,12 @@
-//! Fused CPU kernels for the tape's hot element-wise work: GELU with its derivative, softmax
-//! with its scale and mask, LayerNorm, and AdamW's update, each one pass and one allocation.
+//! Fused CPU kernels for the tape's hot paths: linear layers as one sum of products started from
+//! the bias, per-head attention products on strided views, GELU with its derivative, softmax with
+//! its scale and mask, LayerNorm, column sums, and AdamW's update in place.
 //!
 //! candle composes these from separate ops (GELU's derivative alone is ten passes, each a fresh
 //! tensor), and on the CPU those passes, their allocations and page faults cost about as much as
 //! the matmuls. Every function here answers `None` for anything but contiguous f32 CPU tensors;
-//! the caller then composes candle ops, which is also the path on CUDA. The inner loops are
-//! compiled for AVX-512 and AVX2 and picked at run time (`multiversion`), and rows are split
+//! the caller then composes candle ops, which is also the path on CUDA and for f64. The inner
+//! loops are compiled for AVX-512 and AVX2 and picked at run time (`multiversion`); work is split
 //! across rayon's pool, the one gemm already uses.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Storage, Tensor};
@@ -133,69 +134,106 @@ fn exp(x: f32) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // Linear layers
 
-/// `x·Wᵀ + b` for `x` `(N, in)` and `W` `(out, in)`, as one gemm that starts from the bias rows
-/// rather than a product followed by a broadcast add that reads and writes the output again.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Option<Tensor>> {
-    let (Ok((rows, inner)), Ok((out, inner_w))) = (x.dims2(), w.dims2()) else {
+/// One term `scale · a·op(b)` of [`matmul_sum`]: `a` `(M, K)`; `b` `(N, K)` used transposed (a
+/// weight in `(out, in)` layout) or `(K, N)` used as is.
+pub struct Term<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub b_transposed: bool,
+    pub scale: f32,
+}
+
+/// `bias + Σ scale·a·op(b)` over `terms`, built in one buffer: it starts as the bias rows and
+/// every product accumulates into it (gemm's `dst = dst + scale·a·b`), where candle would
+/// allocate, read and write the output once more for the bias, for each extra product and for
+/// each scale. A linear layer is one term; with LoRA it is two (`x·Wᵀ` and `s·(x·Aᵀ)·Bᵀ`), and so
+/// is its input gradient (`g·W` and `s·(g·B)·A`). `None` when a tensor is not a contiguous f32
+/// CPU matrix or the shapes do not chain.
+pub fn matmul_sum(
+    terms: &[Term<'_>],
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let Some(first) = terms.first() else {
         return Ok(None);
     };
-    if inner != inner_w {
+    let Some((rows, cols)) = term_shape(first) else {
+        return Ok(None);
+    };
+    if terms.iter().any(|t| term_shape(t) != Some((rows, cols))) {
         return Ok(None);
     }
-    let bias = match b {
+    let bias = match bias {
         Some(b) => match with_f32(b, <[f32]>::to_vec) {
-            Some(v) if v.len() == out => Some(v),
+            Some(v) if v.len() == cols => Some(v),
             _ => return Ok(None),
         },
         None => None,
     };
-    let product = with_f32(x, |xs| {
-        with_f32(w, |ws| {
-            let mut y: Vec<f32> = Vec::with_capacity(rows * out);
-            if let Some(b) = &bias {
-                for _ in 0..rows {
-                    y.extend_from_slice(b);
+    let mut y: Vec<f32> = Vec::with_capacity(rows * cols);
+    if let Some(b) = &bias {
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    for (i, term) in terms.iter().enumerate() {
+        let inner = term.a.dim(1)?;
+        let done = with_f32(term.a, |a| {
+            with_f32(term.b, |b| {
+                // b (N, K) transposed: element (k, n) at n·K + k; b (K, N): at k·N + n.
+                let (b_cs, b_rs) = if term.b_transposed {
+                    (inner as isize, 1)
+                } else {
+                    (1, cols as isize)
+                };
+                // SAFETY: a is rows×inner and b inner×cols (or its transpose), contiguous
+                // (with_f32, term_shape); y holds or has capacity for rows×cols elements, all of
+                // which the first product writes (it reads them only when the bias is there).
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        cols,
+                        inner,
+                        y.as_mut_ptr(),
+                        1,
+                        cols as isize,
+                        i > 0 || bias.is_some(),
+                        a.as_ptr(),
+                        1,
+                        inner as isize,
+                        b.as_ptr(),
+                        b_cs,
+                        b_rs,
+                        1.0,
+                        term.scale,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
+                    y.set_len(rows * cols);
                 }
-            }
-            let threads = candle_core::utils::get_num_threads();
-            let parallelism = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: x is rows×inner and W out×inner, both contiguous (with_f32); y holds (or
-            // has capacity for) rows×out elements, which gemm writes in full.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    out,
-                    inner,
-                    y.as_mut_ptr(),
-                    1,
-                    out as isize,
-                    bias.is_some(),
-                    xs.as_ptr(),
-                    1,
-                    inner as isize,
-                    ws.as_ptr(),
-                    inner as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-                y.set_len(rows * out);
-            }
-            y
+            })
         })
-    })
-    .flatten();
-    product
-        .map(|y| Tensor::from_vec(y, (rows, out), x.device()))
-        .transpose()
+        .flatten();
+        if done.is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(Tensor::from_vec(y, (rows, cols), first.a.device())?))
+}
+
+/// `(M, N)` of a term's product, when `a` and `b` chain.
+fn term_shape(t: &Term<'_>) -> Option<(usize, usize)> {
+    let (m, k) = t.a.dims2().ok()?;
+    let (b0, b1) = t.b.dims2().ok()?;
+    let (bk, n) = if t.b_transposed { (b1, b0) } else { (b0, b1) };
+    (k == bk).then_some((m, n))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -967,21 +1005,50 @@ mod tests {
     }
 
     #[test]
-    fn a_linear_started_from_its_bias_matches_matmul_plus_bias() {
+    fn a_sum_of_products_started_from_the_bias_matches_candle() {
         let x = random(&[130, 40], 18);
         let w = random(&[24, 40], 19);
         let b = random(&[24], 20);
-        let want = x
-            .matmul(&w.t().unwrap())
+        let a = random(&[4, 40], 21);
+        let up = random(&[24, 4], 22);
+        let term = |a, b, b_transposed, scale| Term {
+            a,
+            b,
+            b_transposed,
+            scale,
+        };
+        let xw = x.matmul(&w.t().unwrap()).unwrap();
+        let got = matmul_sum(&[term(&x, &w, true, 1.0)], Some(&b))
             .unwrap()
-            .broadcast_add(&b)
             .unwrap();
-        let got = linear(&x, &w, Some(&b)).unwrap().unwrap();
-        assert!(max_diff(&got, &want) < 1e-4);
-        let want = x.matmul(&w.t().unwrap()).unwrap();
-        let got = linear(&x, &w, None).unwrap().unwrap();
-        assert!(max_diff(&got, &want) < 1e-4);
-        assert!(linear(&x, &w.t().unwrap(), None).unwrap().is_none());
+        assert!(max_diff(&got, &xw.broadcast_add(&b).unwrap()) < 1e-4);
+        let got = matmul_sum(&[term(&x, &w, true, 1.0)], None)
+            .unwrap()
+            .unwrap();
+        assert!(max_diff(&got, &xw) < 1e-4);
+
+        // A LoRA layer: x·Wᵀ + b + 2·(x·Aᵀ)·Bᵀ, and its input gradient g·W + 2·(g·B)·A.
+        let t = x.matmul(&a.t().unwrap()).unwrap();
+        let want = (xw.broadcast_add(&b).unwrap()
+            + (t.matmul(&up.t().unwrap()).unwrap() * 2.0).unwrap())
+        .unwrap();
+        let got = matmul_sum(
+            &[term(&x, &w, true, 1.0), term(&t, &up, true, 2.0)],
+            Some(&b),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(max_diff(&got, &want) < 1e-3);
+        let g = random(&[130, 24], 23);
+        let gb = g.matmul(&up).unwrap();
+        let want = (g.matmul(&w).unwrap() + (gb.matmul(&a).unwrap() * 2.0).unwrap()).unwrap();
+        let got = matmul_sum(&[term(&g, &w, false, 1.0), term(&gb, &a, false, 2.0)], None)
+            .unwrap()
+            .unwrap();
+        assert!(max_diff(&got, &want) < 1e-3);
+
+        let mismatched = [term(&x, &w, true, 1.0), term(&x, &w, false, 1.0)];
+        assert!(matmul_sum(&mismatched, None).unwrap().is_none());
     }
 
     #[test]

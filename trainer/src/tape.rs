@@ -383,16 +383,7 @@ impl Linear {
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let (x2, lead) = flat2(&x.detach())?;
         let (w, b) = (self.weight.detach(), self.bias.as_ref().map(Tensor::detach));
-        let mut u = match kernels::linear(&x2, &w, b.as_ref())? {
-            Some(u) => u,
-            None => {
-                let u = x2.matmul(&w.t()?)?;
-                match &b {
-                    Some(b) => u.broadcast_add(b)?,
-                    None => u,
-                }
-            }
-        };
+        // LoRA's input (after dropout), its mask and its rank-r projection `t = x·Aᵀ`.
         let mut lora_state = None;
         if let Some(l) = &self.lora {
             let mask = match &l.dropout {
@@ -404,9 +395,14 @@ impl Linear {
                 None => x2.clone(),
             };
             let t = xd.matmul(&l.a.detach().t()?)?;
-            u = (u + (t.matmul(&l.b.detach().t()?)? * l.scale)?)?;
             lora_state = Some((xd, mask, t));
         }
+        let up = self.lora.as_ref().map(|l| l.b.detach());
+        let low_rank = match (&self.lora, &lora_state, &up) {
+            (Some(l), Some((_, _, t)), Some(up)) => Some((t, up, l.scale)),
+            _ => None,
+        };
+        let u = linear_value(&x2, &w, b.as_ref(), low_rank)?;
         let need_dx = tracks(x);
         let need_dw = trainable(&self.weight);
         let need_db = self.bias.as_ref().is_some_and(trainable);
@@ -444,27 +440,17 @@ impl Linear {
             } else {
                 None
             };
-            let (mut da, mut dbl, mut dx_lora) = (None, None, None);
+            let (mut da, mut dbl, mut low_rank) = (None, None, None);
             if let (Some((a, b, scale)), Some((xd, mask, t))) = (&lora_parts, &lora_saved) {
                 let gb = gu.matmul(b)?; // (N, r)
                 if need_lora {
                     da = Some((gb.t()?.matmul(xd)? * *scale)?);
                     dbl = Some((gu.t()?.matmul(t)? * *scale)?);
                 }
-                if need_dx {
-                    let d = (gb.matmul(a)? * *scale)?;
-                    dx_lora = Some(match mask {
-                        Some(m) => (d * m)?,
-                        None => d,
-                    });
-                }
+                low_rank = Some((gb, a, *scale, mask.as_ref()));
             }
             let dx = if need_dx {
-                let mut dx = gu.matmul(&w)?;
-                if let Some(extra) = dx_lora {
-                    dx = (dx + extra)?;
-                }
-                Some(unflat(&dx, &lead)?)
+                Some(unflat(&input_gradient(&gu, &w, low_rank)?, &lead)?)
             } else {
                 None
             };
@@ -477,6 +463,82 @@ impl Linear {
         };
         attach(&[x, &self.weight, &bias, &a, &b], y, bwd)
     }
+}
+
+/// `x·Wᵀ + b [+ scale·t·Bᵀ]`, a linear layer's value with its LoRA term: one buffer on the CPU,
+/// candle's ops elsewhere.
+fn linear_value(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    low_rank: Option<(&Tensor, &Tensor, f64)>,
+) -> candle_core::Result<Tensor> {
+    let mut terms = vec![kernels::Term {
+        a: x,
+        b: w,
+        b_transposed: true,
+        scale: 1.0,
+    }];
+    if let Some((t, up, scale)) = low_rank {
+        terms.push(kernels::Term {
+            a: t,
+            b: up,
+            b_transposed: true,
+            scale: scale as f32,
+        });
+    }
+    if let Some(u) = kernels::matmul_sum(&terms, b)? {
+        return Ok(u);
+    }
+    let mut u = x.matmul(&w.t()?)?;
+    if let Some(b) = b {
+        u = u.broadcast_add(b)?;
+    }
+    if let Some((t, up, scale)) = low_rank {
+        u = (u + (t.matmul(&up.t()?)? * scale)?)?;
+    }
+    Ok(u)
+}
+
+/// `g·W [+ (scale·(g·B)·A)⊙mask]`, a linear layer's input gradient; `low_rank` carries `g·B`,
+/// `A`, the scale and LoRA's dropout mask.
+fn input_gradient(
+    g: &Tensor,
+    w: &Tensor,
+    low_rank: Option<(Tensor, &Tensor, f64, Option<&Tensor>)>,
+) -> candle_core::Result<Tensor> {
+    // A dropout mask applies to the LoRA term alone, so that sum cannot be one buffer.
+    if low_rank
+        .as_ref()
+        .is_none_or(|(_, _, _, mask)| mask.is_none())
+    {
+        let mut terms = vec![kernels::Term {
+            a: g,
+            b: w,
+            b_transposed: false,
+            scale: 1.0,
+        }];
+        if let Some((gb, a, scale, _)) = &low_rank {
+            terms.push(kernels::Term {
+                a: gb,
+                b: a,
+                b_transposed: false,
+                scale: *scale as f32,
+            });
+        }
+        if let Some(dx) = kernels::matmul_sum(&terms, None)? {
+            return Ok(dx);
+        }
+    }
+    let mut dx = g.matmul(w)?;
+    if let Some((gb, a, scale, mask)) = low_rank {
+        let mut d = (gb.matmul(a)? * scale)?;
+        if let Some(m) = mask {
+            d = (d * m)?;
+        }
+        dx = (dx + d)?;
+    }
+    Ok(dx)
 }
 
 /// `Σ_rows x` (or `Σ_rows x⊙y`) of `(N, d)` matrices: a bias's (or a gain's) gradient.

@@ -202,6 +202,10 @@ fn mean_pool_backward_matches_finite_differences_and_leaves_the_mask_out() {
 }
 
 fn tiny_bert() -> Bert {
+    tiny_bert_in(DType::F64)
+}
+
+fn tiny_bert_in(dtype: DType) -> Bert {
     let config = Config {
         vocab_size: 20,
         hidden_size: 16,
@@ -213,7 +217,7 @@ fn tiny_bert() -> Bert {
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
     };
-    Bert::random(config, 11, DType::F64, &Device::Cpu).unwrap()
+    Bert::random(config, 11, dtype, &Device::Cpu).unwrap()
 }
 
 fn tiny_batch() -> (Tensor, Tensor, Tensor) {
@@ -284,5 +288,70 @@ fn lst_gradients_match_finite_differences() {
         };
         let m = methods::for_bert(&MethodConfig::Lst(config), tiny_bert(), 3, 1).unwrap();
         check_method(m.as_ref());
+    }
+}
+
+/// The f32 CPU path runs the fused kernels (`petl_trainer::kernels`); f64 runs candle's composed
+/// ops, which the finite-difference checks above hold to 1e-6. Same model, same batch: every
+/// method's gradients must agree to f32 precision.
+#[test]
+fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: vec!["query".into(), "value".into(), "dense".into()],
+    };
+    let lst = LstConfig {
+        reduction: 2,
+        layers: None,
+        gate_init: 0.3,
+        init_from_backbone: true,
+    };
+    let configs = [
+        MethodConfig::Full(Default::default()),
+        MethodConfig::Bitfit(Default::default()),
+        MethodConfig::Lora(lora),
+        MethodConfig::Lst(lst),
+    ];
+    let (ids, mask, labels) = tiny_batch();
+    for config in &configs {
+        let gradients = |dtype: DType| {
+            let m = methods::for_bert(config, tiny_bert_in(dtype), 3, 1).unwrap();
+            let mut rng = Rng::new(3);
+            for (name, v) in m.parameters() {
+                if name.ends_with("lora_B.weight") {
+                    let b = rand(&mut rng, v.dims(), 0.5).to_dtype(dtype).unwrap();
+                    v.set(&b).unwrap();
+                }
+            }
+            let logits = m.forward(&ids, &mask).unwrap();
+            let grads = tape::cross_entropy(&logits, &labels, None)
+                .unwrap()
+                .backward()
+                .unwrap();
+            m.parameters()
+                .iter()
+                .map(|(name, v)| {
+                    let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}"));
+                    let g = g.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                    (name.clone(), g.to_vec1::<f64>().unwrap())
+                })
+                .collect::<Vec<_>>()
+        };
+        for ((name, fused), (_, composed)) in
+            gradients(DType::F32).iter().zip(gradients(DType::F64))
+        {
+            let scale = composed.iter().fold(1e-3, |m: f64, g| m.max(g.abs()));
+            let worst = fused
+                .iter()
+                .zip(&composed)
+                .map(|(a, b)| (a - b).abs() / scale)
+                .fold(0.0, f64::max);
+            assert!(
+                worst < 1e-4,
+                "{config:?} {name}: relative difference {worst}"
+            );
+        }
     }
 }
