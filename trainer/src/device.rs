@@ -9,6 +9,28 @@ use tracing::{info, warn};
 
 use crate::{Error, Result};
 
+/// How many times candle's CPU pool workers spin, waiting for the next parallel op, before they
+/// sleep (candle's default is 25,000).
+const CPU_POOL_SPIN_LIMIT: &str = "200";
+
+/// Sets petl's defaults for candle's CPU thread pool, leaving whatever the user set.
+///
+/// After each parallel element-wise op candle's pool workers spin before they sleep. gemm runs
+/// on rayon's threads, not candle's, so on a node with few cores a spinning worker takes a core
+/// from the matrix product that follows. With 200 spins instead of 25,000 the bench's full
+/// fine-tuning step fell from 0.94 s to 0.84 s on 2 cores (mean of four runs each, see
+/// bench/README.md).
+///
+/// # Safety
+/// Sets an environment variable: call it first thing in `main`, before any other thread exists.
+pub unsafe fn set_cpu_pool_defaults() {
+    const KEY: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(KEY).is_none() {
+        // SAFETY: the caller guarantees no other thread reads or writes the environment.
+        unsafe { std::env::set_var(KEY, CPU_POOL_SPIN_LIMIT) };
+    }
+}
+
 /// The device asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {

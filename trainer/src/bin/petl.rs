@@ -5,5 +5,7 @@
 static ALLOCATOR: petl_trainer::memory::CountingAllocator = petl_trainer::memory::CountingAllocator;
 
 fn main() -> std::process::ExitCode {
+    // SAFETY: the first statement of main; no other thread exists yet.
+    unsafe { petl_trainer::device::set_cpu_pool_defaults() };
     petl_trainer::cli::petl_main()
 }
