@@ -81,6 +81,7 @@ fn learning_rate(method: &str) -> f64 {
 fn main() -> Result<()> {
     // SAFETY: the first statement of main; no other thread exists yet. The children inherit it.
     unsafe { petl_trainer::device::set_cpu_pool_defaults() };
+    petl_trainer::memory::keep_freed_memory();
     let args = Args::parse();
     let cache = cache_dir();
     let model = args

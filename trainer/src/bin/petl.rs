@@ -7,5 +7,6 @@ static ALLOCATOR: petl_trainer::memory::CountingAllocator = petl_trainer::memory
 fn main() -> std::process::ExitCode {
     // SAFETY: the first statement of main; no other thread exists yet.
     unsafe { petl_trainer::device::set_cpu_pool_defaults() };
+    petl_trainer::memory::keep_freed_memory();
     petl_trainer::cli::petl_main()
 }
