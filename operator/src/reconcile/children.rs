@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret,
-    SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    Pod, PodSecurityContext, PodSpec, ResourceFieldSelector, ResourceRequirements, SeccompProfile,
+    Secret, SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -207,7 +207,7 @@ pub fn pod(job: &PetlJob, names: &Names, rank: i32, default_image: Option<&str>)
             "--config".into(),
             CONFIG_PATH.into(),
         ]),
-        env: Some(env.clone()),
+        env: Some([env.clone(), vec![compute_threads()]].concat()),
         env_from: Some(secret_env(job)),
         ports: Some(vec![container_port("trainer", TRAINER_PORT)]),
         resources: workers.resources.clone(),
@@ -324,6 +324,24 @@ fn worker_env(names: &Names, rank: i32, world_size: i32) -> Vec<EnvVar> {
         var("HOME", "/scratch".into()),
         field("POD_NAME", "metadata.name"),
     ]
+}
+
+/// The trainer's compute threads: its CPU limit rounded up (the node's allocatable CPUs when it
+/// has none). Left alone, the trainer would start one thread per physical core of the node and
+/// be throttled by its limit.
+fn compute_threads() -> EnvVar {
+    EnvVar {
+        name: "RAYON_NUM_THREADS".into(),
+        value_from: Some(EnvVarSource {
+            resource_field_ref: Some(ResourceFieldSelector {
+                container_name: Some(TRAINER_CONTAINER.into()),
+                resource: "limits.cpu".into(),
+                divisor: Some(Quantity("1".into())),
+            }),
+            ..Default::default()
+        }),
+        ..EnvVar::default()
+    }
 }
 
 /// Credentials named by the spec's secretRefs, as environment variables of the trainer.
@@ -481,6 +499,13 @@ mod tests {
         };
         assert_eq!(get("PETL_RANK").as_deref(), Some("1"));
         assert_eq!(get("PETL_WORLD_SIZE").as_deref(), Some("3"));
+        let threads = env
+            .iter()
+            .find(|e| e.name == "RAYON_NUM_THREADS")
+            .and_then(|e| e.value_from.as_ref()?.resource_field_ref.as_ref())
+            .expect("the trainer's threads follow its CPU limit");
+        assert_eq!(threads.resource, "limits.cpu");
+        assert_eq!(threads.container_name.as_deref(), Some(TRAINER_CONTAINER));
         assert!(
             get("PETL_PEERS")
                 .unwrap()
