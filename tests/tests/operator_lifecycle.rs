@@ -404,27 +404,30 @@ fn apply_creates_pods_service_configmap_and_secret_as_specified() {
         assert_eq!(requests["cpu"].0, "2");
         assert!(spec.volumes.iter().flatten().any(|v| v.empty_dir.is_some()));
 
-        let svc = Api::<Service>::namespaced(scene.cp.client(), &scene.ns)
-            .get("sst2-workers")
-            .await
-            .expect("service");
+        let svc = created(
+            &Api::<Service>::namespaced(scene.cp.client(), &scene.ns),
+            "sst2-workers",
+        )
+        .await;
         let svc_spec = svc.spec.unwrap();
         assert_eq!(svc_spec.cluster_ip.as_deref(), Some("None"), "headless");
         assert_eq!(svc_spec.publish_not_ready_addresses, Some(true));
         assert_eq!(spec.subdomain.as_deref(), Some("sst2-workers"));
 
-        let cm = Api::<ConfigMap>::namespaced(scene.cp.client(), &scene.ns)
-            .get("sst2-config")
-            .await
-            .expect("configmap");
+        let cm = created(
+            &Api::<ConfigMap>::namespaced(scene.cp.client(), &scene.ns),
+            "sst2-config",
+        )
+        .await;
         let rendered = PetlJob::from_yaml(&cm.data.unwrap()["job.yaml"])
             .expect("the trainer can parse the rendered job");
         assert_eq!(rendered.spec.workers.replicas, 2);
 
-        let secret = Api::<Secret>::namespaced(scene.cp.client(), &scene.ns)
-            .get("sst2-snapshot-token")
-            .await
-            .expect("secret");
+        let secret = created(
+            &Api::<Secret>::namespaced(scene.cp.client(), &scene.ns),
+            "sst2-snapshot-token",
+        )
+        .await;
         let token = &secret.data.unwrap()["token"].0;
         assert_eq!(token.len(), 64, "32 random bytes, hex");
         assert_eq!(secret.metadata.owner_references.unwrap()[0].kind, "PetlJob");
@@ -898,6 +901,25 @@ fn elected(ns: &str, lease: &str, id: &str) -> Config {
 }
 
 /// Poll `done` every 100 ms until it holds; fail with `what` once `limit` has passed.
+/// `name` once it exists. The operator sends a job's ConfigMap, Service and Secret beside its
+/// pods, not before them, so they can land a moment after the pods.
+async fn created<K>(api: &Api<K>, name: &str) -> K
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(found) = api.get_opt(name).await.expect(name) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} was not created within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn eventually<F: Future<Output = bool>>(
     limit: Duration,
     what: &str,
@@ -1051,8 +1073,8 @@ fn children_deleted_by_hand_are_recreated_without_a_spec_change() {
         let svcs: Api<Service> = Api::namespaced(scene.cp.client(), &scene.ns);
         let secrets: Api<Secret> = Api::namespaced(scene.cp.client(), &scene.ns);
         let (cm_uid, svc_uid) = (
-            cms.get("heal-config").await.expect("ConfigMap").uid(),
-            svcs.get("heal-workers").await.expect("Service").uid(),
+            created(&cms, "heal-config").await.uid(),
+            created(&svcs, "heal-workers").await.uid(),
         );
 
         // The ConfigMap and Service come back by themselves: their deletion is watched.
