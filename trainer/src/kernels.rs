@@ -445,17 +445,23 @@ pub fn softmax(
 ) -> candle_core::Result<Option<Tensor>> {
     let width = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / width.max(1);
+    // Only a key mask, one row per batch element (`(B, 1, 1, T)` against `(B, H, T, T)`), or one
+    // row for all; any other broadcast goes to candle.
+    let key_mask = |b: &Tensor| match (b.dims(), x.dims()) {
+        ([nb, 1, 1, t], [xb, _, _, xt]) => nb == xb && t == xt,
+        _ => b.elem_count() == width,
+    };
     let bias_data = match bias {
-        Some(b) => match with_f32(b, <[f32]>::to_vec) {
+        Some(b) if key_mask(b) => match with_f32(b, <[f32]>::to_vec) {
             Some(v) => Some(v),
             None => return Ok(None),
         },
+        Some(_) => return Ok(None),
         None => None,
     };
     // Rows sharing one bias row: all heads and queries of a batch element.
     let rows_per_bias = match &bias_data {
-        Some(b) if b.len() % width == 0 && !b.is_empty() => rows / (b.len() / width),
-        Some(_) => return Ok(None),
+        Some(b) => rows / (b.len() / width).max(1),
         None => rows,
     };
     let out = with_f32(x, |xs| {
@@ -940,6 +946,8 @@ mod tests {
         let z = (&scores * 0.25).unwrap().broadcast_add(&bias).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&z).unwrap();
         assert!(max_diff(&got, &want) < 1e-6);
+        let per_query = random(&[b, 1, t, t], 24);
+        assert!(softmax(&scores, 0.25, Some(&per_query)).unwrap().is_none());
         let plain = softmax(&scores, 1.0, None).unwrap().unwrap();
         let want = candle_nn::ops::softmax_last_dim(&scores).unwrap();
         assert!(max_diff(&plain, &want) < 1e-6);
