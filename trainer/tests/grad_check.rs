@@ -206,17 +206,7 @@ fn tiny_bert() -> Bert {
 }
 
 fn tiny_bert_in(dtype: DType) -> Bert {
-    let config = Config {
-        vocab_size: 20,
-        hidden_size: 16,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        intermediate_size: 32,
-        hidden_act: "gelu".into(),
-        max_position_embeddings: 8,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-    };
+    let config = Config::with_shape(20, 16, 2, 4, 32, 8);
     Bert::random(config, 11, dtype, &Device::Cpu).unwrap()
 }
 

@@ -16,17 +16,7 @@ static ALLOC: CountingAllocator = CountingAllocator;
 
 /// MiniLM's shape (random weights: the memory of a step does not depend on their values).
 fn minilm_shaped() -> Bert {
-    let config = Config {
-        vocab_size: 30522,
-        hidden_size: 384,
-        num_hidden_layers: 6,
-        num_attention_heads: 12,
-        intermediate_size: 1536,
-        hidden_act: "gelu".into(),
-        max_position_embeddings: 512,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-    };
+    let config = Config::with_shape(30522, 384, 6, 12, 1536, 512);
     Bert::random(config, 3, DType::F32, &Device::Cpu).unwrap()
 }
 

@@ -10,17 +10,7 @@ use petl_trainer::models::bert::{Bert, Config};
 use petl_trainer::tape;
 
 fn tiny_bert() -> Bert {
-    let config = Config {
-        vocab_size: 50,
-        hidden_size: 32,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        intermediate_size: 64,
-        hidden_act: "gelu".into(),
-        max_position_embeddings: 16,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-    };
+    let config = Config::with_shape(50, 32, 4, 4, 64, 16);
     Bert::random(config, 5, DType::F32, &Device::Cpu).unwrap()
 }
 

@@ -21,17 +21,7 @@ impl Observer for Peaks {
 #[test]
 fn every_step_reports_a_nonzero_peak_and_the_report_keeps_the_largest() {
     assert_eq!(memory::source(&Device::Cpu), Source::Rss);
-    let config = Config {
-        vocab_size: 50,
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        intermediate_size: 64,
-        hidden_act: "gelu".into(),
-        max_position_embeddings: 16,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-    };
+    let config = Config::with_shape(50, 32, 2, 4, 64, 16);
     let bert = Bert::random(config, 1, DType::F32, &Device::Cpu).unwrap();
     let method = methods::for_bert(
         &MethodConfig::Lst(LstConfig {

@@ -55,12 +55,7 @@ impl BackboneTuning {
             .map(|(name, t)| Ok((name, make_trainable(t)?)))
             .collect::<Result<Vec<_>>>()?;
         let mut rng = Rng::new(seed);
-        let head = Head::new(
-            backbone.hidden_size(),
-            num_labels,
-            &backbone.embeddings.word,
-            &mut rng,
-        )?;
+        let head = Head::over(&backbone, num_labels, &mut rng)?;
         Ok(Self {
             selection,
             backbone,

@@ -5,6 +5,7 @@ use candle_core::{Tensor, Var};
 
 use crate::Result;
 use crate::init::Rng;
+use crate::models::bert::Bert;
 use crate::tape::{self, Linear};
 
 /// `logits = W · mean_pool(h) + b`, with `W` `(num_labels, width)`.
@@ -26,6 +27,16 @@ impl Head {
             weight,
             bias,
         })
+    }
+
+    /// A head over `backbone`'s hidden states, in its dtype and on its device.
+    pub fn over(backbone: &Bert, num_labels: usize, rng: &mut Rng) -> Result<Self> {
+        Self::new(
+            backbone.hidden_size(),
+            num_labels,
+            &backbone.embeddings.word,
+            rng,
+        )
     }
 
     /// `h` `(B, T, width)`, `mask` `(B, T)` → `(B, num_labels)`.

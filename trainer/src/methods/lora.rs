@@ -76,12 +76,7 @@ impl Lora {
                 ),
             });
         }
-        let head = Head::new(
-            backbone.hidden_size(),
-            num_labels,
-            &backbone.embeddings.word,
-            &mut rng,
-        )?;
+        let head = Head::over(&backbone, num_labels, &mut rng)?;
         Ok(Self {
             backbone,
             adapters,

@@ -31,6 +31,31 @@ pub struct Config {
     pub layer_norm_eps: f64,
 }
 
+impl Config {
+    /// A BERT of the given shape with the defaults a `config.json` may leave out (GELU, two token
+    /// types, LayerNorm ε 1e-12): what tests and benches build random models from.
+    pub fn with_shape(
+        vocab_size: usize,
+        hidden_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        intermediate_size: usize,
+        max_position_embeddings: usize,
+    ) -> Self {
+        Self {
+            vocab_size,
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            intermediate_size,
+            hidden_act: default_act(),
+            max_position_embeddings,
+            type_vocab_size: default_type_vocab(),
+            layer_norm_eps: default_eps(),
+        }
+    }
+}
+
 fn default_act() -> String {
     "gelu".into()
 }
