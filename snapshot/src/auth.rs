@@ -79,6 +79,31 @@ impl Secret {
     }
 }
 
+/// Proofs and keys for other links keyed by the job secret (the trainers' collective), so that
+/// every part of petl authenticates with the one secret the same way.
+impl Secret {
+    /// HMAC-SHA256 under the secret over `label` and `parts`, each prefixed with its length so
+    /// that no two different part lists give the same input. Serves as a proof of knowledge of
+    /// the secret and, with its own label, as a derived key.
+    pub fn prove(&self, label: &str, parts: &[&[u8]]) -> [u8; 32] {
+        self.parts_mac(label, parts).finalize().into_bytes().into()
+    }
+
+    /// Whether `proof` is [`Secret::prove`] of the same label and parts (compared in constant time).
+    pub fn check_proof(&self, label: &str, parts: &[&[u8]], proof: &[u8]) -> bool {
+        self.parts_mac(label, parts).verify_slice(proof).is_ok()
+    }
+
+    fn parts_mac(&self, label: &str, parts: &[&[u8]]) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        for part in std::iter::once(label.as_bytes()).chain(parts.iter().copied()) {
+            mac.update(&(part.len() as u32).to_le_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+}
+
 fn nonce() -> [u8; 32] {
     rand::random()
 }
@@ -99,8 +124,14 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     .await?;
     let (server, proof) = match conn.recv_limited(HANDSHAKE_MAX_BODY).await? {
         Message::Challenge { nonce, proof } => (nonce, proof),
-        Message::Error { message } => return Err(Error::Auth(format!("peer refused: {message}"))),
-        other => return Err(unexpected("Challenge", &other)),
+        Message::Error { message, .. } => {
+            return Err(Error::Auth(format!("peer refused: {message}")));
+        }
+        other => {
+            return Err(other
+                .unexpected("during the handshake, for Challenge")
+                .into());
+        }
     };
     if !secret.verify("petl-snapshot server", job, &client, &server, &proof) {
         return Err(Error::Auth(format!(
@@ -121,16 +152,13 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<u32> {
     let (peer_job, rank, client) = match conn.recv_limited(HANDSHAKE_MAX_BODY).await? {
         Message::Hello { job, rank, nonce } => (job, rank, nonce),
-        other => return Err(unexpected("Hello", &other)),
+        other => return Err(other.unexpected("during the handshake, for Hello").into()),
     };
     if peer_job != job {
         let message = format!("this agent serves job {job:?}, not {peer_job:?}");
-        let _ = conn
-            .send(&Message::Error {
-                message: message.clone(),
-            })
-            .await;
-        return Err(Error::Auth(message));
+        let error = Error::Auth(message);
+        let _ = conn.send(&Message::error(&error)).await;
+        return Err(error);
     }
     let server = nonce();
     let proof = secret.tag("petl-snapshot server", job, &client, &server);
@@ -147,22 +175,10 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
                 "rank {rank} sent a wrong proof for job {job:?} (another secret)"
             )));
         }
-        other => return Err(unexpected("Proof", &other)),
+        other => return Err(other.unexpected("during the handshake, for Proof").into()),
     }
     conn.authenticate(secret.keys(job, &client, &server, false));
     Ok(rank)
-}
-
-fn unexpected(wanted: &str, got: &Message) -> Error {
-    let name = format!("{got:?}");
-    let name = name
-        .split([' ', '(', '{'])
-        .next()
-        .unwrap_or("?")
-        .to_string();
-    Error::Protocol(format!(
-        "expected {wanted} during the handshake, got {name}"
-    ))
 }
 
 #[cfg(test)]
@@ -200,6 +216,19 @@ mod tests {
         let (c, s) = handshake(b"another-secret-of-16+", "job-a").await;
         assert!(matches!(c, Err(Error::Auth(_))));
         assert!(s.is_err());
+    }
+
+    #[test]
+    fn proofs_bind_label_parts_and_secret() {
+        let a = Secret::new(b"0123456789abcdef-job-secret".to_vec()).unwrap();
+        let b = Secret::new(b"another-secret-of-16+".to_vec()).unwrap();
+        let proof = a.prove("label", &[b"job", b"x"]);
+        assert!(a.check_proof("label", &[b"job", b"x"], &proof));
+        assert!(!b.check_proof("label", &[b"job", b"x"], &proof));
+        assert!(!a.check_proof("other", &[b"job", b"x"], &proof));
+        // Length prefixes: moving a byte across a part boundary changes the proof.
+        assert!(!a.check_proof("label", &[b"jo", b"bx"], &proof));
+        assert!(!a.check_proof("label", &[b"job", b"x"], &proof[..31]));
     }
 
     #[test]

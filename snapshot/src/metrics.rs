@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::protocol::Tier;
+
 /// Label of `petl_snapshot_recoveries_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabel {
@@ -114,19 +116,49 @@ impl Metrics {
         out
     }
 
-    pub fn recovered(&self, tier: u8) {
+    pub fn recovered(&self, tier: Tier) {
         self.recoveries
             .get_or_create(&TierLabel {
-                tier: tier.to_string(),
+                tier: tier.number().to_string(),
             })
             .inc();
     }
 
-    pub fn rejected(&self, reason: &str) {
+    pub fn rejected(&self, reason: Refused) {
         self.rejected_frames
             .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
+                reason: reason.label().to_string(),
             })
             .inc();
+    }
+}
+
+/// Why peer input was refused: the `reason` label of `petl_snapshot_rejected_frames_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Another job, or no knowledge of the job's secret.
+    Auth,
+    /// A handshake that broke the protocol or did not finish in time.
+    Handshake,
+    /// A peer claiming a rank outside the job.
+    Rank,
+    /// A frame that broke the protocol after authentication.
+    Frame,
+    /// A frame whose MAC did not match.
+    Mac,
+    /// A whole frame whose content was refused (a shard failing its digest, a wrong placement).
+    Content,
+}
+
+impl Refused {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Auth => "auth",
+            Refused::Handshake => "handshake",
+            Refused::Rank => "rank",
+            Refused::Frame => "frame",
+            Refused::Mac => "mac",
+            Refused::Content => "content",
+        }
     }
 }

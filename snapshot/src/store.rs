@@ -98,6 +98,13 @@ impl Store {
         (!copy.committed).then(|| (g, copy.clone()))
     }
 
+    /// The generation the commit pipeline works on or will work on next, if any (as
+    /// `next_to_commit`, without the copy).
+    pub fn pending_own(&self) -> Option<u64> {
+        let (&g, copy) = self.own.iter().next_back()?;
+        (!copy.committed).then_some(g)
+    }
+
     /// Stores a shard for its owner, replacing the same generation and dropping newer ones of a
     /// timeline the owner rolled back from.
     pub fn hold(&mut self, header: ShardHeader, data: Bytes) {

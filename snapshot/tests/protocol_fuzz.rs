@@ -11,7 +11,7 @@ use cluster::{Cluster, JOB, SECRET, SIZE, TIMEOUT, restore_all, state};
 use petl_snapshot::auth::{self, Secret};
 use petl_snapshot::codec::{Layout, shard_checksum};
 use petl_snapshot::protocol::{Conn, Message, ShardHeader, VERSION};
-use petl_snapshot::{Error, SnapshotClient, Tier};
+use petl_snapshot::{Error, Fault, SnapshotClient, Tier};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -120,7 +120,18 @@ fn malformed_peer_and_local_input_is_refused_and_the_agent_keeps_serving() {
         let mut link = link_as(&cluster, 0, SECRET, JOB).await.unwrap();
         // Rank 1 holds shard 0 of rank 0 (placement r+1+i).
         let wrong_size = shard_for(&cluster, 0, 0, vec![1; shard_len - 2], 1000);
-        let err = link.call(&wrong_size).await.unwrap_err().to_string();
+        let err = link.call(&wrong_size).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Remote {
+                    fault: Fault::Rejected,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = err.to_string();
         assert!(err.contains("makes"), "{err}");
         let wrong_place = shard_for(&cluster, 0, 1, vec![1; shard_len], 1000);
         let err = link.call(&wrong_place).await.unwrap_err().to_string();

@@ -38,16 +38,48 @@ struct Args {
     /// Back-to-back puts timed for the stall distribution.
     #[arg(long, default_value_t = 100)]
     puts: usize,
+    /// Only the commit-against-its-floor section.
+    #[arg(long, conflicts_with_all = ["codec_only", "end_to_end_only"])]
+    commit_only: bool,
+    /// Layouts of the commit section, k+m, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2+1,3+1", value_parser = parse_layout)]
+    layouts: Vec<(usize, usize)>,
+    /// State sizes of the commit section, MiB, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,50")]
+    commit_sizes_mib: Vec<usize>,
+    /// Timed commits per case of the commit section (each of one rank alone and of all ranks).
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Agent processes of the end-to-end and commit sections.
+    #[arg(long, default_value_t = 4)]
+    world: usize,
+}
+
+fn parse_layout(s: &str) -> Result<(usize, usize), String> {
+    let (k, m) = s
+        .split_once('+')
+        .ok_or_else(|| format!("layout {s:?}: write k+m, e.g. 2+1"))?;
+    let parse = |n: &str| {
+        n.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("layout {s:?}: {e}"))
+    };
+    Ok((parse(k)?, parse(m)?))
 }
 
 fn main() {
     let args = Args::parse();
     println!("# petl snapshot bench — load average before: {}", loadavg());
-    if !args.end_to_end_only {
-        codec_section(&args);
-    }
-    if !args.codec_only {
-        end_to_end_section(&args);
+    if args.commit_only {
+        commit_section(&args);
+    } else {
+        if !args.end_to_end_only {
+            codec_section(&args);
+        }
+        if !args.codec_only {
+            end_to_end_section(&args);
+            commit_section(&args);
+        }
     }
     println!("\n# load average after: {}", loadavg());
 }
@@ -393,14 +425,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn end_to_end_section(args: &Args) {
-    let bin = args.agent_bin.clone().unwrap_or_else(|| {
+fn agent_bin(args: &Args) -> PathBuf {
+    args.agent_bin.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .unwrap()
             .with_file_name("petl-snapshot-agent")
-    });
+    })
+}
+
+fn end_to_end_section(args: &Args) {
+    let bin = agent_bin(args);
     let bytes = args.state_mib << 20;
-    let world = 4;
+    let world = args.world;
     let (k, m) = (2, 1);
     println!(
         "\n## End to end: {world} agent processes on loopback, layout {k}+{m}, {} MiB of state per rank",
@@ -736,4 +772,179 @@ fn end_to_end_section(args: &Args) {
         ms(t2)
     );
     println!("{:<58} {:>12}", "tier 2 total", ms(t_agree + t2));
+}
+
+// ---- the commit against its floor ----
+
+/// The commit of one generation (put → committed on every holder) against what any commit must
+/// do at least on the same machine: serialise the state, then move the shards that leave the
+/// agent through loopback TCP, raw, at once. For one rank alone and for every rank at once.
+fn commit_section(args: &Args) {
+    let bin = agent_bin(args);
+    let world = args.world;
+    println!(
+        "\n## Commit against its floor: {world} agent processes on loopback, median of {} commits each",
+        args.rounds
+    );
+    println!(
+        "(floor = serialise (manifest + BLAKE3 per part) + the shards leaving the agent, raw over loopback TCP at once; target commit <= 1.5x floor)"
+    );
+    println!(
+        "{:<6} {:>8} {:>7} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
+        "layout",
+        "state",
+        "shards",
+        "commit 1",
+        "floor 1",
+        "ratio",
+        "commit all",
+        "floor all",
+        "ratio"
+    );
+    for &(k, m) in &args.layouts {
+        if k + m > world {
+            println!(
+                "{k}+{m}: needs {} ranks, --world is {world}; skipped",
+                k + m
+            );
+            continue;
+        }
+        for &mib in &args.commit_sizes_mib {
+            commit_row(&bin, world, k, m, mib << 20, args.rounds);
+        }
+    }
+}
+
+fn commit_row(bin: &Path, world: usize, k: usize, m: usize, bytes: usize, rounds: usize) {
+    let agents = Agents::start(bin, world, k, m);
+    let clients: Vec<SnapshotClient> = (0..world)
+        .map(|r| SnapshotClient::new(agents.socket(r)))
+        .collect();
+    let template: Vec<Snapshot> = (0..world).map(|r| state(0, bytes, r)).collect();
+    let encoded_len = template[0].encode().unwrap().len();
+    let mut generation = 0;
+    let mut commit = |ranks: &[usize]| {
+        generation += 1;
+        let states: Vec<Snapshot> = ranks
+            .iter()
+            .map(|&r| {
+                let mut s = template[r].clone();
+                s.generation = generation;
+                s
+            })
+            .collect();
+        let started = Instant::now();
+        for (&r, s) in ranks.iter().zip(states) {
+            clients[r].put(s);
+        }
+        for &r in ranks {
+            let newest = clients[r]
+                .wait_committed(generation, Duration::from_secs(120))
+                .unwrap();
+            assert!(
+                newest >= Some(generation),
+                "generation {generation} not committed"
+            );
+        }
+        started.elapsed().as_secs_f64()
+    };
+    let all: Vec<usize> = (0..world).collect();
+    // Warm-up: links dialled, buffers and pools faulted in.
+    commit(&all);
+    commit(&all);
+    let mut one = Vec::new();
+    let mut every = Vec::new();
+    for _ in 0..rounds {
+        one.push(commit(&[0]));
+        every.push(commit(&all));
+    }
+    drop(clients);
+    drop(agents);
+
+    let placement = petl_snapshot::Placement::new(world, Layout::new(k, m).unwrap()).unwrap();
+    let leaving = (0..k + m).filter(|&i| placement.holder(0, i) != 0).count();
+    let shard_len = Layout::new(k, m).unwrap().shard_len(encoded_len);
+    let t_serialise = time_median(|| {
+        std::hint::black_box(template[0].encode_parts().unwrap());
+    });
+    let t_serialise_all = median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                std::thread::scope(|scope| {
+                    for s in &template {
+                        scope.spawn(move || std::hint::black_box(s.encode_parts().unwrap()));
+                    }
+                });
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    // Where a lone rank's commit spends what the floor does not: the handoff into a sealed memfd
+    // (serialise + copy; into new pages, or into pages the sender allocated while idle), the
+    // agent mapping it, and the BLAKE3 of a shard (done by the owner for every shard and by
+    // every holder on receipt).
+    let t_memfd = median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let (fd, len) = petl_snapshot::handoff::write_sealed(&template[0]).unwrap();
+                let took = t.elapsed().as_secs_f64();
+                drop((fd, len));
+                took
+            })
+            .collect(),
+    );
+    let t_prepared = median(
+        (0..5)
+            .map(|_| {
+                let file = petl_snapshot::handoff::HandoffFile::prepare(encoded_len).unwrap();
+                let t = Instant::now();
+                let sealed = file.seal(&template[0]).unwrap();
+                let took = t.elapsed().as_secs_f64();
+                drop(sealed);
+                took
+            })
+            .collect(),
+    );
+    let t_map = median(
+        (0..5)
+            .map(|_| {
+                let (fd, len) = petl_snapshot::handoff::write_sealed(&template[0]).unwrap();
+                let t = Instant::now();
+                let mapped = petl_snapshot::handoff::map_padded(fd, len, k * shard_len).unwrap();
+                let took = t.elapsed().as_secs_f64();
+                drop(mapped);
+                took
+            })
+            .collect(),
+    );
+    let shard = random_bytes(shard_len);
+    let t_shard_hash = time_median(|| {
+        std::hint::black_box(codec::shard_checksum(&shard));
+    });
+    let floor_one = t_serialise + loopback_tcp(shard_len, leaving);
+    let floor_all = t_serialise_all + loopback_tcp(shard_len, world * leaving);
+    let (c1, call) = (median(one), median(every));
+    println!(
+        "{:<6} {:>8} {:>7} {:>12} {:>12} {:>6.2}x {:>12} {:>12} {:>6.2}x",
+        format!("{k}+{m}"),
+        format!("{} MiB", bytes >> 20),
+        format!("{leaving}x{:.1}M", shard_len as f64 / (1 << 20) as f64),
+        ms(c1),
+        ms(floor_one),
+        c1 / floor_one,
+        ms(call),
+        ms(floor_all),
+        call / floor_all
+    );
+    println!(
+        "{:<23} serialise {}, into a fresh sealed memfd {} (a prepared one {}), agent maps it {}, BLAKE3 of a shard {}",
+        "",
+        ms(t_serialise),
+        ms(t_memfd),
+        ms(t_prepared),
+        ms(t_map),
+        ms(t_shard_hash)
+    );
 }
