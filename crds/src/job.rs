@@ -6,7 +6,7 @@ use std::path::Path;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::rules::{immutable_after_start, mutable_while_suspended, rule};
+use crate::rules::{MAX_JOB_NAME, immutable_after_start, mutable_while_suspended, rule, rule_at};
 use crate::{
     DatasetSpec, Error, MethodSpec, ModelSpec, OutputSpec, PetlJobStatus, RunPolicy, SnapshotSpec,
     TrainingSpec, WorkersSpec,
@@ -36,8 +36,13 @@ pub const KIND: &str = "PetlJob";
     printcolumn(name = "Method", type_ = "string", json_path = ".spec.method.type", description = "Fine-tuning method"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.summary", description = "step/totalSteps (percent)"),
     printcolumn(name = "Loss", type_ = "number", json_path = ".status.progress.loss", description = "Latest training loss"),
+    printcolumn(name = "ETA", type_ = "integer", json_path = ".status.progress.etaSeconds", description = "Seconds to the last step"),
     printcolumn(name = "Recoveries", type_ = "integer", json_path = ".status.recoveries", description = "Lost workers recovered"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Snapshot", type_ = "integer", json_path = ".status.snapshot.generation", description = "Newest committed snapshot generation", priority = 1),
+    printcolumn(name = "Tolerates", type_ = "integer", json_path = ".status.snapshot.tolerableLosses", description = "Worker losses the newest snapshot survives", priority = 1),
+    printcolumn(name = "Artifact", type_ = "string", json_path = ".status.artifact.digest", description = "Digest of the published adapter", priority = 1),
+    validation = job_name_fits_pod_names(),
     validation = immutable_after_start("spec.model", false),
     validation = immutable_after_start("spec.dataset", false),
     validation = immutable_after_start("spec.method", false),
@@ -56,6 +61,11 @@ pub const KIND: &str = "PetlJob";
     validation = rule(
         "!has(self.snapshot.erasureCoding) || self.snapshot.erasureCoding.dataShards + self.snapshot.erasureCoding.parityShards <= self.workers.replicas",
         "spec.snapshot.erasureCoding.dataShards + parityShards must not exceed spec.workers.replicas; lower the shard counts or add workers"
+    ),
+    validation = rule_at(
+        "self.workers.replicas < 1 || self.training.batchSize % self.workers.replicas == 0",
+        "spec.training.batchSize must be a multiple of spec.workers.replicas: the global batch is split evenly across the ranks",
+        ".training.batchSize"
     ),
     validation = rule(
         "self.output.format != 'peft' || self.method.type == 'lora'",
@@ -96,6 +106,17 @@ pub struct PetlJobSpec {
     pub run_policy: RunPolicy,
     /// Where the trained adapter is published. Immutable once started.
     pub output: OutputSpec,
+}
+
+/// Root rule: the job's name leaves room for `-worker-<rank>` in its pods' host names.
+fn job_name_fits_pod_names() -> kube::core::Rule {
+    // No fieldPath: the API server accepts only paths into the schema, and metadata has none.
+    rule(
+        &format!("size(self.metadata.name) <= {MAX_JOB_NAME}"),
+        &format!(
+            "metadata.name must be at most {MAX_JOB_NAME} characters: worker pods are named <name>-worker-<rank>, which must fit 63"
+        ),
+    )
 }
 
 /// The value of `spec.managedBy` that means "the petl operator".

@@ -4,6 +4,7 @@
 pub mod job;
 pub mod method;
 pub mod output;
+pub mod report;
 pub mod rules;
 pub mod run_policy;
 pub mod snapshot;
@@ -18,6 +19,7 @@ pub use method::{
     BitFitConfig, FullConfig, LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType,
 };
 pub use output::{OutputFormat, OutputSpec};
+pub use report::WorkerReport;
 pub use run_policy::{FailureAction, FailurePolicy, FailurePolicyRule, RunPolicy, exit_code};
 pub use snapshot::{DurableSpec, ErasureCoding, SnapshotSpec};
 pub use source::{

@@ -53,6 +53,45 @@ pub fn rule(expr: &str, message: &str) -> Rule {
     Rule::new(expr).message(message)
 }
 
+/// A rule whose error points at `field_path` (relative to the object the rule sits on).
+pub fn rule_at(expr: &str, message: &str, field_path: &str) -> Rule {
+    Rule::new(expr)
+        .message(message)
+        .field_path(field_path.to_string())
+}
+
+/// Longest PetlJob name: its pods are `<name>-worker-<rank>` (rank up to 255), which must fit a
+/// 63-character DNS label as their host name.
+pub const MAX_JOB_NAME: usize = 63 - "-worker-255".len();
+
+/// An image reference as container runtimes parse it: optional registry host (and port),
+/// lower-case path components, optional tag and digest. `[.]` instead of an escaped dot keeps
+/// the regex the same through CEL's string layers.
+pub const IMAGE_RE: &str = "^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*(:[0-9]+)?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?(@sha256:[a-f0-9]{64})?$";
+
+/// A DNS subdomain (RFC 1123), as the names of Secrets and PriorityClasses must be.
+pub const DNS_SUBDOMAIN_RE: &str =
+    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// A label value: at most 63 letters, digits, '-', '_' and '.', alphanumeric at both ends.
+pub const LABEL_VALUE_RE: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
+/// A label key: an optional DNS-subdomain prefix and a name shaped like a non-empty label value.
+pub const LABEL_KEY_RE: &str = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+/// `self` must be an image reference a container runtime can pull.
+pub fn image() -> Rule {
+    Rule::new(format!("self.matches('{IMAGE_RE}')")).message(Message::Expression(
+        "'must be an image reference such as registry.example:5000/petl-worker:0.1.0 (lower-case repository, optional tag and @sha256 digest); got \"' + self + '\"'".into(),
+    ))
+}
+
+/// `self` must be a DNS subdomain (`what` names the field in the message).
+pub fn dns_subdomain(what: &str) -> Rule {
+    Rule::new(format!("self.matches('{DNS_SUBDOMAIN_RE}')")).message(Message::Message(format!(
+        "{what} must be a lower-case DNS subdomain name (letters, digits, '-' and '.')"
+    )))
+}
+
 /// CEL that is true once the operator has started the job (created its first pods).
 const STARTED: &str = "has(oldSelf.status) && has(oldSelf.status.startTime)";
 

@@ -16,12 +16,15 @@ pub mod exit_code {
     pub const DATA_ERROR: i32 = 65;
     /// The model or dataset does not exist at its URI (EX_NOINPUT). Permanent.
     pub const NO_INPUT: i32 = 66;
+    /// An internal error of the trainer, a bug such as ranks whose parameters diverged
+    /// (EX_SOFTWARE). Permanent: a retry runs into it again.
+    pub const SOFTWARE: i32 = 70;
     /// A temporary failure, e.g. a peer or registry not reachable yet (EX_TEMPFAIL). Retryable.
     pub const TEMP_FAIL: i32 = 75;
     /// A configuration the trainer cannot run, e.g. an unsupported model architecture (EX_CONFIG). Permanent.
     pub const CONFIG: i32 = 78;
     /// The exit codes the default failure policy treats as permanent.
-    pub const PERMANENT: [i32; 4] = [USAGE, DATA_ERROR, NO_INPUT, CONFIG];
+    pub const PERMANENT: [i32; 5] = [USAGE, DATA_ERROR, NO_INPUT, SOFTWARE, CONFIG];
 }
 
 /// The pod condition Kubernetes sets when it evicts or preempts a pod (node drain, preemption,
@@ -48,8 +51,8 @@ pub struct RunPolicy {
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i64>,
     /// How a worker failure is classified. Your rules are checked first, in order; then the
-    /// default rules: Ignore on pod condition DisruptionTarget, FailJob on exit codes 64, 65, 66
-    /// and 78; any other failure is Count.
+    /// default rules: Ignore on pod condition DisruptionTarget, FailJob on exit codes 64, 65, 66,
+    /// 70 and 78; any other failure is Count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_policy: Option<FailurePolicy>,
 }

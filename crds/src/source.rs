@@ -12,6 +12,7 @@ pub struct SecretRef {
     /// Name of the Secret (same namespace as the PetlJob). For hf:// it holds key `token`; for
     /// s3:// it holds `accessKeyId`, `secretAccessKey` and optionally `region` and `endpoint`.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = crate::rules::dns_subdomain("a secretRef name"))]
     pub name: String,
 }
 

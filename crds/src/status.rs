@@ -137,7 +137,8 @@ pub struct LastRecovery {
     pub restored_generation: i64,
     /// From the loss being noticed to training resuming.
     pub seconds: f64,
-    /// Where the state came from: memory (peer shards) or durable.
+    /// The tier the state came from, as the trainer reported it: local (its own agent), peers
+    /// (shards held by the other ranks) or durable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// When training resumed.

@@ -5,13 +5,21 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use kube::KubeSchema;
+use kube::core::Rule;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::rules::{LABEL_KEY_RE, LABEL_VALUE_RE, rule_at};
+
 /// The trainer pods, one per rank.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = no_resource_claims(),
+    validation = node_selector_labels(),
+    validation = tolerations_valid(),
+)]
 pub struct WorkersSpec {
     /// Number of ranks (pods). Immutable once the job has started.
     #[serde(default = "default_replicas")]
@@ -21,6 +29,7 @@ pub struct WorkersSpec {
     /// --trainer-image default when unset. Immutable once the job has started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = crate::rules::image())]
     pub image: Option<String>,
     /// CPU/memory/GPU requests and limits of the trainer container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,7 +46,41 @@ pub struct WorkersSpec {
     /// PriorityClass of the worker pods. Mutable only while suspended or before start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = crate::rules::dns_subdomain("spec.workers.priorityClassName"))]
     pub priority_class_name: Option<String>,
+}
+
+// What a pod's validation would refuse in the node selector and tolerations is refused at
+// admission instead, naming the field: a job the API server admits should not fail only when
+// its first pod is created. Resource quantities are not checked here: rules over the
+// `requests`/`limits` maps with `quantity()` cost 8–16 times the API server's per-rule CEL budget
+// (and the CRD's total), so a pod refused for them (requests above limits, half a GPU) ends the
+// job Failed with the API server's reason instead (docs/operator.md).
+
+fn no_resource_claims() -> Rule {
+    rule_at(
+        "!has(self.resources) || !has(self.resources.claims)",
+        "spec.workers.resources.claims is not supported: worker pods declare no resource claims",
+        ".resources.claims",
+    )
+}
+
+fn node_selector_labels() -> Rule {
+    rule_at(
+        &format!(
+            "!has(self.nodeSelector) || self.nodeSelector.all(k, k.matches('{LABEL_KEY_RE}') && self.nodeSelector[k].matches('{LABEL_VALUE_RE}'))"
+        ),
+        "spec.workers.nodeSelector: keys must be label keys ([prefix/]name, the name at most 63 characters) and values label values (at most 63 letters, digits, '-', '_' or '.')",
+        ".nodeSelector",
+    )
+}
+
+fn tolerations_valid() -> Rule {
+    rule_at(
+        "!has(self.tolerations) || self.tolerations.all(t, (!has(t.operator) || t.operator in ['Exists', 'Equal']) && (!has(t.effect) || t.effect in ['', 'NoSchedule', 'PreferNoSchedule', 'NoExecute']) && (!has(t.operator) || t.operator != 'Exists' || !has(t.value) || t.value == '') && ((has(t.key) && t.key != '') || (has(t.operator) && t.operator == 'Exists')) && (!has(t.tolerationSeconds) || (has(t.effect) && t.effect == 'NoExecute')))",
+        "spec.workers.tolerations: operator must be Exists or Equal and effect NoSchedule, PreferNoSchedule or NoExecute; Exists takes no value; an empty key needs operator Exists; tolerationSeconds needs effect NoExecute",
+        ".tolerations",
+    )
 }
 
 /// Longest string accepted inside the Kubernetes types embedded here (a prefixed label key).
@@ -91,7 +134,23 @@ impl Default for WorkersSpec {
     }
 }
 
+/// The extended resource a worker asks for to get an NVIDIA GPU.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
 impl WorkersSpec {
+    /// Whether the trainer asks for at least one GPU (`nvidia.com/gpu` in its limits or requests),
+    /// which puts it on the CUDA image with `--device cuda`.
+    pub fn wants_gpu(&self) -> bool {
+        let Some(resources) = &self.resources else {
+            return false;
+        };
+        [&resources.limits, &resources.requests]
+            .into_iter()
+            .flatten()
+            .filter_map(|amounts| amounts.get(GPU_RESOURCE))
+            .any(|q| q.0.chars().any(|c| c.is_ascii_digit() && c != '0'))
+    }
+
     /// `replicas` workers, everything else unset.
     pub fn replicas(replicas: i32) -> Self {
         Self {
@@ -102,5 +161,38 @@ impl WorkersSpec {
             tolerations: None,
             priority_class_name: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    fn asking(section: &str, amount: &str) -> WorkersSpec {
+        let amounts = BTreeMap::from([(GPU_RESOURCE.to_string(), Quantity(amount.into()))]);
+        let resources = match section {
+            "limits" => ResourceRequirements {
+                limits: Some(amounts),
+                ..Default::default()
+            },
+            _ => ResourceRequirements {
+                requests: Some(amounts),
+                ..Default::default()
+            },
+        };
+        WorkersSpec {
+            resources: Some(resources),
+            ..WorkersSpec::default()
+        }
+    }
+
+    #[test]
+    fn a_gpu_in_limits_or_requests_makes_a_gpu_worker() {
+        assert!(asking("limits", "1").wants_gpu());
+        assert!(asking("requests", "2").wants_gpu());
+        assert!(asking("limits", "10").wants_gpu());
+        assert!(!asking("limits", "0").wants_gpu());
+        assert!(!WorkersSpec::default().wants_gpu());
     }
 }

@@ -27,7 +27,7 @@ fn valid() -> Value {
             "model": { "uri": "hf://sentence-transformers/all-MiniLM-L6-v2" },
             "dataset": { "uri": "s3://data/rt", "labels": ["neg", "pos"] },
             "method": { "type": "lora", "lora": { "rank": 8 } },
-            "training": { "maxSteps": 10 },
+            "training": { "maxSteps": 10, "batchSize": 30 },
             "workers": { "replicas": 3 },
             "snapshot": { "erasureCoding": { "dataShards": 2, "parityShards": 1 } },
             "output": { "uri": "pvc://adapters/j" }
