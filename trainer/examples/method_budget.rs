@@ -28,7 +28,7 @@ struct Print {
 }
 
 impl Observer for Print {
-    fn on_step(&mut self, info: &StepInfo, _: &Trainer) -> petl_trainer::Result<()> {
+    fn on_step(&mut self, info: &StepInfo, _: &mut Trainer) -> petl_trainer::Result<()> {
         self.peak = self.peak.max(info.peak_memory_bytes);
         if info.step.is_multiple_of(20) {
             eprintln!(
@@ -189,6 +189,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             grad_clip: 1.0,
             seed: 42,
             eval_every_steps: eval_every,
+            divergence_check_every: 0,
         },
     );
     let mut obs = Print {

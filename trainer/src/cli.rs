@@ -1,16 +1,20 @@
-//! The command lines: `petl-trainer train --config <job>` (what worker pods run) and
-//! `petl run <job>` (a PetlJob on this machine, no Kubernetes); parsing, job loading, exit codes.
+//! The command lines: `petl-trainer train --config <job>` (one rank, what worker pods run) and
+//! `petl run <job>` (a PetlJob on this machine, no Kubernetes; with `replicas: N` it launches N
+//! ranks and N snapshot agents as processes of its own binary); parsing, job loading, exit codes.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use petl_crds::{PetlJob, PetlJobSpec, exit_code};
+use petl_crds::{PetlJob, PetlJobSpec};
 
 use crate::device::DeviceChoice;
 use crate::progress::{Display, init_logging};
-use crate::run::{RunOptions, run_job};
+use crate::run::fault::Fault;
+use crate::run::ranks::{DEFAULT_TRAINER_PORT, Peers};
+use crate::run::{RunOptions, run_job, termination_log};
 use crate::{Error, Result};
 
 /// `petl`: run PetlJobs without a cluster.
@@ -27,8 +31,9 @@ pub struct PetlCli {
 
 #[derive(Debug, Subcommand)]
 pub enum PetlCommand {
-    /// Run a PetlJob on this machine (one rank) and write the adapter and manifest to
-    /// spec.output.uri (or --output).
+    /// Run a PetlJob on this machine and write the adapter and manifest to spec.output.uri (or
+    /// --output). With spec.workers.replicas > 1 it starts one trainer and one snapshot agent
+    /// per rank, on loopback, and restarts any that dies.
     Run {
         /// The PetlJob manifest (YAML), as you would `kubectl apply` it.
         job: PathBuf,
@@ -36,9 +41,19 @@ pub enum PetlCommand {
         /// working directory, `~` for home), file:///abs or pvc://claim/path.
         #[arg(long)]
         output: Option<String>,
+        /// Inject a fault to watch recovery: kill rank R at the end of step S (what=trainer:
+        /// its trainer; agent: its snapshot agent; both: as a lost pod). Repeatable.
+        #[arg(long = "kill", value_name = "rank=R,step=S[,what=trainer|agent|both]")]
+        kill: Vec<Fault>,
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// One rank of a job (what `petl run` starts for each rank).
+    #[command(hide = true)]
+    Train(Box<RankArgs>),
+    /// One rank's snapshot agent (what `petl run` starts for each rank).
+    #[command(hide = true)]
+    SnapshotAgent(Box<crate::launch::agent::AgentArgs>),
 }
 
 /// `petl-trainer`: the worker process of a PetlJob.
@@ -56,25 +71,63 @@ pub struct TrainerCli {
 #[derive(Debug, Subcommand)]
 pub enum TrainerCommand {
     /// Train one rank of the job rendered at --config.
-    Train {
-        /// The rendered job: a whole PetlJob, or only its spec.
-        #[arg(long, env = "PETL_CONFIG")]
-        config: PathBuf,
-        /// This worker's rank.
-        #[arg(long, env = "PETL_RANK", default_value_t = 0)]
-        rank: usize,
-        /// How many ranks the job has.
-        #[arg(long, env = "PETL_WORLD_SIZE", default_value_t = 1)]
-        world_size: usize,
-        #[command(flatten)]
-        common: CommonArgs,
-    },
+    Train(Box<RankArgs>),
+}
+
+/// How one rank of a job runs: which rank, where its peers and its snapshot agent are.
+#[derive(Debug, Args)]
+pub struct RankArgs {
+    /// The rendered job: a whole PetlJob, or only its spec.
+    #[arg(long, env = "PETL_CONFIG")]
+    pub config: PathBuf,
+    /// This worker's rank.
+    #[arg(long, env = "PETL_RANK", default_value_t = 0)]
+    pub rank: usize,
+    /// How many ranks the job has.
+    #[arg(long, env = "PETL_WORLD_SIZE", default_value_t = 1)]
+    pub world_size: usize,
+    /// Every rank's trainer, comma-separated in rank order: host names (the trainer port is
+    /// added) or host:port.
+    #[arg(long, env = "PETL_PEERS")]
+    pub peers: Option<String>,
+    /// The port this trainer listens on for its peers, and the port of a peer given without one.
+    #[arg(long, env = "PETL_TRAINER_PORT", default_value_t = DEFAULT_TRAINER_PORT)]
+    pub port: u16,
+    /// The job's name; peers of another job are refused. Default: the job file's metadata.name.
+    #[arg(long, env = "PETL_JOB")]
+    pub job: Option<String>,
+    /// File holding the job's secret (≥ 16 bytes), shared with the snapshot agents.
+    #[arg(long, env = "PETL_SNAPSHOT_TOKEN_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// The snapshot agent's local socket. Default: /run/petl/snapshot.sock when /run/petl
+    /// exists (the volume the agent shares with the trainer), else no snapshots.
+    #[arg(long, env = "PETL_SNAPSHOT_SOCKET")]
+    pub snapshot_socket: Option<PathBuf>,
+    /// Train without snapshots even when an agent is there.
+    #[arg(long)]
+    pub no_snapshots: bool,
+    /// Seconds to wait for every rank when the group forms, and for the agents to agree.
+    #[arg(long, env = "PETL_CONNECT_TIMEOUT", default_value_t = 180)]
+    pub connect_timeout: u64,
+    /// Where rank 0 writes the published artifact as JSON. Default: /dev/termination-log when
+    /// it exists and is writable.
+    #[arg(long, env = "PETL_TERMINATION_LOG")]
+    pub termination_log: Option<PathBuf>,
+    /// Write the adapter here instead of spec.output.uri.
+    #[arg(long)]
+    pub output: Option<String>,
+    /// An injected fault (`petl run --kill` passes it on).
+    #[arg(long, hide = true)]
+    pub fault: Option<Fault>,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// Options both binaries share.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone)]
 pub struct CommonArgs {
-    /// Serve Prometheus metrics at http://<addr>/metrics (e.g. 127.0.0.1:9100).
+    /// Serve Prometheus metrics at http://<addr>/metrics and rank 0's report at /report
+    /// (e.g. 127.0.0.1:9100).
     #[arg(long, env = "PETL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Log line format; with `text` a terminal also gets a progress bar.
@@ -92,51 +145,119 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// The `petl` binary's main.
 pub fn petl_main() -> ExitCode {
-    let cli = PetlCli::parse();
-    let PetlCommand::Run {
-        job,
-        output,
-        common,
-    } = cli.command;
-    init_logging(common.log_format == LogFormat::Json);
-    finish(load_job(&job).and_then(|(name, spec)| {
-        let options = RunOptions {
-            job_name: name,
-            rank: 0,
-            world_size: 1,
-            output_override: output,
-            metrics_addr: common.metrics_addr,
-            device: common.device,
-            display: display(common.log_format),
-        };
-        run_job(&spec, &options)
-    }))
+    let started = Instant::now();
+    match PetlCli::parse().command {
+        PetlCommand::Run {
+            job,
+            output,
+            kill,
+            common,
+        } => {
+            init_logging(common.log_format == LogFormat::Json);
+            let code = load_job(&job).and_then(|(name, spec)| {
+                if spec.workers.replicas > 1 || !kill.is_empty() {
+                    return crate::launch::run_local(&job, &name, &spec, output, &kill, &common);
+                }
+                let options = RunOptions {
+                    output_override: output,
+                    metrics_addr: common.metrics_addr,
+                    device: common.device,
+                    display: display(common.log_format),
+                    started,
+                    ..RunOptions::single(&name)
+                };
+                run_job(&spec, &options).map(|outcome| {
+                    print_artifact(&outcome);
+                    0
+                })
+            });
+            finish_code(code)
+        }
+        PetlCommand::Train(args) => train_main(*args, started),
+        PetlCommand::SnapshotAgent(args) => crate::launch::agent::main(*args),
+    }
 }
 
 /// The `petl-trainer` binary's main.
 pub fn trainer_main() -> ExitCode {
-    let cli = TrainerCli::parse();
-    let TrainerCommand::Train {
-        config,
-        rank,
-        world_size,
-        common,
-    } = cli.command;
-    init_logging(common.log_format == LogFormat::Json);
-    finish(load_job(&config).and_then(|(name, spec)| {
-        let options = RunOptions {
-            job_name: name,
-            rank,
-            world_size,
-            output_override: None,
-            metrics_addr: common.metrics_addr,
-            device: common.device,
-            display: display(common.log_format),
-        };
+    let started = Instant::now();
+    let TrainerCommand::Train(args) = TrainerCli::parse().command;
+    train_main(*args, started)
+}
+
+fn train_main(args: RankArgs, started: Instant) -> ExitCode {
+    init_logging(args.common.log_format == LogFormat::Json);
+    let outcome = load_job(&args.config).and_then(|(name, spec)| {
+        let options = rank_options(args, name, started)?;
         run_job(&spec, &options)
+    });
+    finish_code(outcome.map(|outcome| {
+        print_artifact(&outcome);
+        0
     }))
+}
+
+/// The run options of one rank from its flags and environment.
+fn rank_options(args: RankArgs, job_name: String, started: Instant) -> Result<RunOptions> {
+    let job_name = args.job.unwrap_or(job_name);
+    let peers = match (&args.peers, &args.secret_file) {
+        (Some(list), Some(secret_file)) => Some(Peers {
+            addresses: Peers::addresses_from(list, args.port),
+            secret_file: secret_file.clone(),
+            connect_deadline: Duration::from_secs(args.connect_timeout),
+        }),
+        (None, _) if args.world_size <= 1 => None,
+        (None, _) => {
+            return Err(Error::Config {
+                field: "PETL_PEERS".into(),
+                message: format!(
+                    "rank {} of {} needs every rank's address: set --peers or PETL_PEERS",
+                    args.rank, args.world_size
+                ),
+            });
+        }
+        (Some(_), None) => {
+            return Err(Error::Config {
+                field: "PETL_SNAPSHOT_TOKEN_FILE".into(),
+                message: "the ranks authenticate each other with the job secret: set --secret-file or PETL_SNAPSHOT_TOKEN_FILE".into(),
+            });
+        }
+    };
+    let snapshot_socket = if args.no_snapshots {
+        None
+    } else {
+        args.snapshot_socket.or_else(|| {
+            Path::new("/run/petl")
+                .is_dir()
+                .then(|| PathBuf::from("/run/petl/snapshot.sock"))
+        })
+    };
+    Ok(RunOptions {
+        job_name,
+        rank: args.rank,
+        world_size: args.world_size,
+        output_override: args.output,
+        metrics_addr: args.common.metrics_addr,
+        display: display(args.common.log_format),
+        device: args.common.device,
+        peers,
+        snapshot_socket,
+        connect_deadline: Duration::from_secs(args.connect_timeout),
+        termination_log: termination_log(args.termination_log),
+        fault: args.fault,
+        started,
+    })
 }
 
 fn display(format: LogFormat) -> Display {
@@ -146,41 +267,25 @@ fn display(format: LogFormat) -> Display {
     }
 }
 
-fn finish(outcome: Result<crate::run::RunOutcome>) -> ExitCode {
-    match outcome {
-        Ok(outcome) => {
-            if let Some(artifact) = &outcome.artifact {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(artifact).unwrap_or_default()
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "run failed");
-            eprintln!("error: {error}");
-            ExitCode::from(exit_code_of(&error) as u8)
-        }
+/// Prints the artifact (as the operator records it in `status.artifact`) on stdout.
+fn print_artifact(outcome: &crate::run::RunOutcome) {
+    if let Some(artifact) = &outcome.artifact {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(artifact).unwrap_or_default()
+        );
     }
 }
 
-/// The exit code the operator's failure policy reads: permanent errors use the sysexits codes
-/// it treats as FailJob, anything that may pass on retry uses EX_TEMPFAIL or 1.
-pub fn exit_code_of(error: &Error) -> i32 {
-    match error {
-        Error::Job { .. } => exit_code::USAGE,
-        Error::Config { .. } => exit_code::CONFIG,
-        Error::Data { .. } | Error::Json { .. } => exit_code::DATA_ERROR,
-        Error::Missing { .. } | Error::Weights { .. } => exit_code::NO_INPUT,
-        Error::Source { message, .. }
-            if message.contains("unreachable") || message.contains("pip download failed") =>
-        {
-            exit_code::TEMP_FAIL
+/// The process's exit: 0, or the error's code after printing it.
+fn finish_code(outcome: Result<u8>) -> ExitCode {
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            tracing::error!(error = %error, exit_code = error.exit_code(), "run failed");
+            eprintln!("error: {error}");
+            ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1))
         }
-        Error::Source { message, .. } if message.contains("does not exist") => exit_code::NO_INPUT,
-        Error::Source { .. } => exit_code::USAGE,
-        _ => 1,
     }
 }
 

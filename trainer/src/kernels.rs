@@ -17,13 +17,51 @@ use rayon::prelude::*;
 const PARALLEL_MIN: usize = 32 * 1024;
 
 /// The data of `t` when it is a contiguous f32 tensor in CPU memory.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
         return None;
     };
     let (start, end) = layout.contiguous_offsets()?;
     Some(f(&data[start..end]))
+}
+
+/// The data of `t`, writable in place, when it is a contiguous f32 tensor in CPU memory; `None`
+/// otherwise (the caller then takes candle's path). Writes reach every tensor sharing the
+/// storage (a `Var` and its views). `f` must not touch `t`'s storage through another handle:
+/// the storage is locked for writing while it runs.
+pub(crate) fn with_f32_mut<R>(
+    t: &Tensor,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> candle_core::Result<Option<R>> {
+    let cpu_f32 = t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !cpu_f32 || !t.is_contiguous() {
+        return Ok(None);
+    }
+    let mut out = None;
+    let op = InPlace(std::cell::RefCell::new(Some(|data: &mut [f32]| {
+        out = Some(f(data))
+    })));
+    t.inplace_op1(&op)?;
+    drop(op);
+    Ok(out)
+}
+
+/// The in-place op behind [`with_f32_mut`]: hands the storage's slice to a closure once.
+struct InPlace<F>(std::cell::RefCell<Option<F>>);
+
+impl<F: FnOnce(&mut [f32])> candle_core::InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "with-f32-mut"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let data = f32_slice_mut(storage, layout)?;
+        if let Some(f) = self.0.borrow_mut().take() {
+            f(data);
+        }
+        Ok(())
+    }
 }
 
 fn tensor_like(t: &Tensor, data: Vec<f32>) -> candle_core::Result<Tensor> {
@@ -259,16 +297,17 @@ pub fn sum_rows(x: &Tensor, y: Option<&Tensor>) -> candle_core::Result<Option<Te
                 add_rows(x, y, &mut acc);
                 acc
             };
-            (0..xs.len().div_ceil(chunk.max(1)))
+            // Per-chunk partials added in chunk order: rayon's own reduce would add them in a
+            // tree shaped by work stealing, and the bits would change from run to run.
+            let partials: Vec<Vec<f32>> = (0..xs.len().div_ceil(chunk.max(1)))
                 .into_par_iter()
                 .map(partial)
-                .reduce(
-                    || vec![0f32; width],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        a
-                    },
-                )
+                .collect();
+            let mut sums = vec![0f32; width];
+            for p in &partials {
+                sums.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
+            sums
         };
         match y {
             Some(y) => with_f32(y, |ys| product(Some(ys))),
@@ -702,10 +741,15 @@ fn layer_norm_backward_row(g: &[f32], xhat: &[f32], gamma: &[f32], rstd: f32, dx
 
 /// `Σ g²` in f64, without a f64 copy of `g`.
 pub fn sum_of_squares(g: &Tensor) -> Option<f64> {
-    with_f32(g, |gs| {
-        let chunk = rows_per_chunk(1, gs.len());
-        gs.par_chunks(chunk).map(sum_sq).sum()
-    })
+    with_f32(g, sum_of_squares_of)
+}
+
+/// `Σ g²` in f64 over fixed chunks whose partial sums are added in order, so the bits do not
+/// depend on how rayon's threads split the work.
+pub fn sum_of_squares_of(gs: &[f32]) -> f64 {
+    let chunk = rows_per_chunk(1, gs.len());
+    let partials: Vec<f64> = gs.par_chunks(chunk).map(sum_sq).collect();
+    partials.iter().sum()
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw+fma", "x86_64+avx2+fma"))]
@@ -840,6 +884,23 @@ impl InplaceOp3 for Update {
             .for_each(|(t, (m, v))| apply_update(t, m, v, &self.0));
         Ok(())
     }
+}
+
+/// AdamW on plain slices of one shape: `m`, `v` and `theta` updated in place from `grad` in one
+/// pass, with exactly the arithmetic of [`adamw_update`]'s three passes. The sharded optimiser
+/// runs it on the runs of a rank's piece, reading the parameters where the `Var`s keep them.
+pub fn adamw_slices(theta: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], s: AdamWStep) {
+    let chunk = rows_per_chunk(1, theta.len());
+    theta
+        .par_chunks_mut(chunk)
+        .zip(m.par_chunks_mut(chunk))
+        .zip(v.par_chunks_mut(chunk))
+        .zip(grad.par_chunks(chunk))
+        .for_each(|(((t, m), v), g)| {
+            first_moment(m, g, s.clip, s.beta1);
+            second_moment(v, g, s.clip, s.beta2);
+            apply_update(t, m, v, &s);
+        });
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw+fma", "x86_64+avx2+fma"))]
@@ -1096,6 +1157,34 @@ mod tests {
         let a = random(&[2, 3, 4, 5], 16);
         let b = random(&[2, 3, 6, 5], 17);
         assert!(matmul_per_head(&a, &b, false).unwrap().is_none());
+    }
+
+    #[test]
+    fn parallel_sums_add_fixed_chunks_in_order_so_the_bits_never_change() {
+        let g = random(&[300_001], 31);
+        let data = g.to_vec1::<f32>().unwrap();
+        let chunk = rows_per_chunk(1, data.len());
+        let want = data.chunks(chunk).map(sum_sq).fold(0.0f64, |a, b| a + b);
+        let x = random(&[5000, 33], 32);
+        let rows = x.to_vec2::<f32>().unwrap();
+        let per = rows_per_chunk(33, 5000);
+        let mut columns = vec![0f32; 33];
+        for block in rows.chunks(per) {
+            let mut acc = vec![0f32; 33];
+            for row in block {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            columns.iter_mut().zip(&acc).for_each(|(c, a)| *c += a);
+        }
+        for _ in 0..5 {
+            assert_eq!(sum_of_squares(&g).unwrap().to_bits(), want.to_bits());
+            let got = sum_rows(&x, None)
+                .unwrap()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got, columns);
+        }
     }
 
     #[test]

@@ -8,14 +8,17 @@ pub mod memory;
 pub mod methods;
 pub mod models;
 pub mod optim;
+pub mod sharding;
 pub mod tape;
 pub mod train;
 
 // I/O (trainer-io) adds its modules here: data, source, export, manifest, cli, progress, metrics, run.
 pub mod cli;
+pub mod collective;
 pub mod data;
 pub mod device;
 pub mod export;
+pub mod launch;
 pub mod manifest;
 pub mod metrics;
 pub mod progress;
@@ -65,15 +68,93 @@ pub enum Error {
         field: String,
         message: String,
     },
-    /// A model, dataset or output URI cannot be parsed or fetched (trainer-io).
+    /// A model, dataset or output URI cannot be parsed or used as given (trainer-io).
     #[error("{uri}: {message}")]
     Source { uri: String, message: String },
+    /// A URI names a file or package path that does not exist.
+    #[error("{uri}: {message}")]
+    SourceNotFound { uri: String, message: String },
+    /// A URI's server (the hub, the package index) cannot be reached now; a retry may pass.
+    #[error("{uri}: {message}")]
+    SourceUnreachable { uri: String, message: String },
+    /// An operation between ranks failed: a peer was lost or unreachable, or a protocol or
+    /// setup error.
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
+    /// The ranks hold different parameters: a bug in the trainer, never a silent fork.
+    #[error(
+        "replicas diverged before step {step}: rank(s) {ranks:?} hold parameters that differ from rank 0's; this is a bug, please report it"
+    )]
+    ReplicasDiverged { step: u64, ranks: Vec<usize> },
+    /// A snapshot to restore was written by another configuration of the job.
+    #[error(
+        "snapshot generation {generation} does not fit this job: its {what} is {found}, the job's is {expected}; it was not used (clear the job's snapshots or restore the original spec)"
+    )]
+    SnapshotMismatch {
+        generation: u64,
+        what: String,
+        found: String,
+        expected: String,
+    },
+    /// A rank was lost before any snapshot was committed: the surviving ranks exit so that
+    /// every rank starts over from step 0 in a new process.
+    #[error(
+        "a rank was lost before the first snapshot was committed; exiting so every rank starts over from step 0"
+    )]
+    NothingToRestore,
+    /// The snapshot agent failed or could not be reached.
+    #[error("snapshots: {0}")]
+    Snapshot(#[from] petl_snapshot::Error),
+    /// A state the trainer cannot continue from: a bug, not a configuration problem.
+    #[error("internal error: {0}; this is a bug, please report it")]
+    Internal(String),
     /// A job file cannot be read, parsed or run as given (trainer-io).
     #[error("{path}: {message}")]
     Job { path: String, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The exit code the operator's failure policy reads (`petl_crds::exit_code`): permanent
+    /// errors use the sysexits codes it fails the job on, those a retry may cure EX_TEMPFAIL.
+    pub fn exit_code(&self) -> i32 {
+        use petl_crds::exit_code;
+        match self {
+            Error::Job { .. } | Error::Source { .. } => exit_code::USAGE,
+            Error::Config { .. } | Error::Diverged { .. } | Error::SnapshotMismatch { .. } => {
+                exit_code::CONFIG
+            }
+            Error::Data { .. } | Error::Json { .. } => exit_code::DATA_ERROR,
+            Error::Missing { .. } | Error::Weights { .. } | Error::SourceNotFound { .. } => {
+                exit_code::NO_INPUT
+            }
+            Error::SourceUnreachable { .. } | Error::NothingToRestore => exit_code::TEMP_FAIL,
+            Error::Collective(e) if e.is_transient() => exit_code::TEMP_FAIL,
+            Error::Collective(e) => match e {
+                crate::collective::CollectiveError::Auth { .. }
+                | crate::collective::CollectiveError::Usage(_) => exit_code::CONFIG,
+                _ => exit_code::SOFTWARE,
+            },
+            Error::Snapshot(e) => match e {
+                petl_snapshot::Error::Unreachable { .. }
+                | petl_snapshot::Error::Timeout { .. }
+                | petl_snapshot::Error::Io(_)
+                | petl_snapshot::Error::Protocol(_)
+                | petl_snapshot::Error::Remote { .. }
+                | petl_snapshot::Error::HandoffFailed(_) => exit_code::TEMP_FAIL,
+                petl_snapshot::Error::Config(_)
+                | petl_snapshot::Error::Layout(_)
+                | petl_snapshot::Error::Auth(_) => exit_code::CONFIG,
+                _ => exit_code::SOFTWARE,
+            },
+            Error::ReplicasDiverged { .. } | Error::Internal(_) | Error::Candle(_) => {
+                exit_code::SOFTWARE
+            }
+            Error::Io { .. } => 1,
+        }
+    }
+}
 
 /// Reads a JSON file (a model or adapter config); errors name the file.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
@@ -85,4 +166,86 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) 
         path: path.display().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::CollectiveError;
+    use petl_crds::exit_code;
+
+    #[test]
+    fn exit_codes_follow_the_error_kind_not_its_message() {
+        let source = |message: &str| (String::from("hf://x"), message.to_string());
+        let (uri, message) = source("does not exist; unreachable");
+        let cases = [
+            (
+                Error::Source {
+                    uri: uri.clone(),
+                    message: message.clone(),
+                },
+                exit_code::USAGE,
+            ),
+            (
+                Error::SourceNotFound {
+                    uri: uri.clone(),
+                    message: message.clone(),
+                },
+                exit_code::NO_INPUT,
+            ),
+            (
+                Error::SourceUnreachable {
+                    uri,
+                    message: "pip download failed".into(),
+                },
+                exit_code::TEMP_FAIL,
+            ),
+            (
+                Error::Collective(CollectiveError::PeerUnreachable {
+                    rank: 1,
+                    address: "x:1".into(),
+                    waited: std::time::Duration::from_secs(1),
+                }),
+                exit_code::TEMP_FAIL,
+            ),
+            (
+                Error::Collective(CollectiveError::Protocol {
+                    rank: 1,
+                    reason: "x".into(),
+                }),
+                exit_code::SOFTWARE,
+            ),
+            (
+                Error::ReplicasDiverged {
+                    step: 3,
+                    ranks: vec![1],
+                },
+                exit_code::SOFTWARE,
+            ),
+            (
+                Error::Candle(candle_core::Error::Msg("shape".into())),
+                exit_code::SOFTWARE,
+            ),
+            (
+                Error::SnapshotMismatch {
+                    generation: 1,
+                    what: "world size".into(),
+                    found: "2".into(),
+                    expected: "4".into(),
+                },
+                exit_code::CONFIG,
+            ),
+            (Error::NothingToRestore, exit_code::TEMP_FAIL),
+            (
+                Error::Snapshot(petl_snapshot::Error::Unreachable {
+                    what: "the agent".into(),
+                    source: std::io::Error::other("gone"),
+                }),
+                exit_code::TEMP_FAIL,
+            ),
+        ];
+        for (error, code) in cases {
+            assert_eq!(error.exit_code(), code, "{error}");
+        }
+    }
 }

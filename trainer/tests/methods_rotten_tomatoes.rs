@@ -120,6 +120,7 @@ fn lst_on_minilm_lowers_rotten_tomatoes_validation_loss() {
             grad_clip: 1.0,
             seed: 7,
             eval_every_steps: 0,
+            divergence_check_every: 0,
         },
     );
     let before = trainer.evaluate(&valid).unwrap();

@@ -7,10 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
 use petl_trainer::cli::load_job;
-use petl_trainer::device::DeviceChoice;
 use petl_trainer::manifest::Manifest;
 use petl_trainer::memory::CountingAllocator;
-use petl_trainer::progress::Display;
 use petl_trainer::run::{RunOptions, run_job};
 
 #[global_allocator]
@@ -60,13 +58,8 @@ fn metrics_endpoint_carries_step_loss_throughput_and_peak_memory_of_the_run() {
     let (name, spec) = load_job(&job).unwrap();
     let addr = free_port();
     let options = RunOptions {
-        job_name: name,
-        rank: 0,
-        world_size: 1,
-        output_override: None,
         metrics_addr: Some(addr),
-        display: Display::Logs,
-        device: DeviceChoice::Cpu,
+        ..RunOptions::single(&name)
     };
     let outcome = run_job(&spec, &options).unwrap();
 

@@ -12,7 +12,7 @@ use petl_trainer::train::{Observer, StepInfo, TrainConfig, Trainer};
 struct Peaks(Vec<usize>);
 
 impl Observer for Peaks {
-    fn on_step(&mut self, info: &StepInfo, _: &Trainer) -> petl_trainer::Result<()> {
+    fn on_step(&mut self, info: &StepInfo, _: &mut Trainer) -> petl_trainer::Result<()> {
         self.0.push(info.peak_memory_bytes);
         Ok(())
     }
@@ -52,6 +52,7 @@ fn every_step_reports_a_nonzero_peak_and_the_report_keeps_the_largest() {
             grad_clip: 1.0,
             seed: 1,
             eval_every_steps: 0,
+            divergence_check_every: 0,
         },
     );
     let mut peaks = Peaks(Vec::new());

@@ -50,6 +50,7 @@ pub fn run(method: &str, model: &Path, batches: &Path, lr: f64, phases: bool) ->
             grad_clip: 1.0,
             seed: 42,
             eval_every_steps: 0,
+            divergence_check_every: 0,
         },
     );
 

@@ -1,5 +1,5 @@
-//! Cuts examples into batches: a seeded shuffle per epoch, one shard per rank, and padding to
-//! the longest sequence of each batch.
+//! Cuts examples into batches: a seeded shuffle per epoch, global batches of similar lengths,
+//! one contiguous slice of each per rank, and padding to the longest sequence of a slice.
 
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use super::{Example, Task};
 use crate::Result;
 
-/// Batches per length-sorted window of an epoch (see [`Batcher::shard_order`]).
+/// Batches per length-sorted window of an epoch (see [`Batcher::epoch_order`]).
 pub const GROUP_BATCHES: usize = 32;
 
 /// Causal-LM label positions that carry no loss (padding) hold this value.
@@ -76,10 +76,14 @@ impl Batch {
     }
 }
 
-/// Deterministic batches for one rank: epoch `e` is a permutation seeded by `seed + e`, cut to a
-/// multiple of the world size so every rank runs the same number of steps, and rank `r` takes
-/// every `world`-th example starting at `r`. A batch is addressed by (epoch, index), so a
-/// restored rank resumes from a cursor without replaying the data.
+/// Deterministic batches for one rank of a data-parallel job.
+///
+/// `batch_size` is the *global* batch: step `s` of epoch `e` trains on the same `batch_size`
+/// examples whatever the world size, and rank `r` of `w` takes the contiguous slice
+/// `[r·b/w, (r+1)·b/w)` of it. Epoch `e` visits a permutation seeded by `seed + e`, cut into
+/// `⌊n / batch_size⌋` full batches (the remainder waits for another epoch's shuffle), so every
+/// step has a full batch on every rank. A batch is addressed by (epoch, index), so a restored
+/// rank resumes from a cursor without replaying the data.
 #[derive(Debug, Clone)]
 pub struct Batcher<'a> {
     examples: &'a [Example],
@@ -116,10 +120,22 @@ impl<'a> Batcher<'a> {
                 ),
             ));
         }
-        if examples.len() < world_size {
+        if !batch_size.is_multiple_of(world_size) {
             return Err(bad(
-                "dataset",
-                format!("{} examples cannot feed {world_size} ranks", examples.len()),
+                "spec.training.batchSize",
+                format!(
+                    "the global batch of {batch_size} does not split evenly over spec.workers.replicas = {world_size}; make batchSize a multiple of replicas (e.g. {})",
+                    batch_size.div_ceil(world_size) * world_size
+                ),
+            ));
+        }
+        if examples.len() < batch_size {
+            return Err(bad(
+                "spec.training.batchSize",
+                format!(
+                    "{} training examples cannot fill one batch of {batch_size}; lower batchSize or add rows",
+                    examples.len()
+                ),
             ));
         }
         Ok(Self {
@@ -133,72 +149,66 @@ impl<'a> Batcher<'a> {
         })
     }
 
-    /// Examples this rank sees per epoch.
-    pub fn shard_len(&self) -> usize {
-        self.examples.len() / self.world_size
-    }
-
-    /// Batches per epoch (the last one may be smaller).
+    /// Full global batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
-        self.shard_len().div_ceil(self.batch_size)
+        self.examples.len() / self.batch_size
     }
 
-    /// The example indices of this rank's shard in `epoch`, in visiting order.
+    /// Examples of each global batch this rank trains on.
+    pub fn rank_batch_size(&self) -> usize {
+        self.batch_size / self.world_size
+    }
+
+    /// Position in the global batch of this rank's first example.
+    pub fn first_example(&self) -> usize {
+        self.rank * self.rank_batch_size()
+    }
+
+    /// The example indices of `epoch`'s global batches, in visiting order (batch `k` is
+    /// `[k·b, (k+1)·b)`).
     ///
     /// After the seeded shuffle, each window of [`GROUP_BATCHES`] batches is sorted by length,
     /// cut into batches, and those batches are shuffled again: a batch then holds sequences of
     /// similar length, so padding (which costs as much compute as real tokens) nearly vanishes,
     /// while which examples share a window, and the order of the batches, stay random.
-    pub fn shard_order(&self, epoch: u64) -> Vec<usize> {
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.examples.len()).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed.wrapping_add(epoch));
         order.shuffle(&mut rng);
-        order.truncate(self.shard_len() * self.world_size);
-        let shard: Vec<usize> = order
-            .into_iter()
-            .skip(self.rank)
-            .step_by(self.world_size)
-            .collect();
-        let mut grouped = Vec::with_capacity(shard.len());
-        for window in shard.chunks(self.batch_size * GROUP_BATCHES) {
+        order.truncate(self.batches_per_epoch() * self.batch_size);
+        let mut grouped = Vec::with_capacity(order.len());
+        for window in order.chunks(self.batch_size * GROUP_BATCHES) {
             let mut window = window.to_vec();
             window.sort_by_key(|&i| self.examples[i].ids.len());
             let mut batches: Vec<&[usize]> = window.chunks(self.batch_size).collect();
-            // Only the shard's last batch can be short; it stays last, so batch `k` of the
-            // epoch always starts at `k * batch_size`.
-            let full = batches
-                .iter()
-                .take_while(|b| b.len() == self.batch_size)
-                .count();
-            batches[..full].shuffle(&mut rng);
+            batches.shuffle(&mut rng);
             grouped.extend(batches.into_iter().flatten().copied());
         }
         grouped
     }
 
-    /// Batch `index` of `epoch`.
+    /// This rank's slice of global batch `index` of `epoch`.
     pub fn batch(&self, epoch: u64, index: usize, device: &Device) -> Result<Batch> {
-        let order = self.shard_order(epoch);
-        let start = (index * self.batch_size).min(order.len());
-        let end = (start + self.batch_size).min(order.len());
-        let picked: Vec<&Example> = order[start..end]
-            .iter()
-            .map(|&i| &self.examples[i])
-            .collect();
-        Batch::pad(&picked, self.task, self.pad_id, device)
+        let order = self.epoch_order(epoch);
+        Batch::pad(&self.slice(&order, index), self.task, self.pad_id, device)
     }
 
-    /// Every batch of `epoch`, in order.
+    /// The examples of this rank's slice of global batch `index` in `order`.
+    fn slice(&self, order: &[usize], index: usize) -> Vec<&Example> {
+        let start = (index * self.batch_size + self.first_example()).min(order.len());
+        let end = (start + self.rank_batch_size()).min(order.len());
+        order[start..end]
+            .iter()
+            .map(|&i| &self.examples[i])
+            .collect()
+    }
+
+    /// This rank's slice of every batch of `epoch`, in order.
     pub fn epoch(&self, epoch: u64, device: &Device) -> impl Iterator<Item = Result<Batch>> + '_ {
-        let order = self.shard_order(epoch);
+        let order = self.epoch_order(epoch);
         let device = device.clone();
-        let chunks: Vec<Vec<usize>> = order
-            .chunks(self.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
-        chunks.into_iter().map(move |chunk| {
-            let picked: Vec<&Example> = chunk.iter().map(|&i| &self.examples[i]).collect();
-            Batch::pad(&picked, self.task, self.pad_id, &device)
+        (0..self.batches_per_epoch()).map(move |index| {
+            Batch::pad(&self.slice(&order, index), self.task, self.pad_id, &device)
         })
     }
 }
@@ -246,21 +256,70 @@ mod tests {
         );
     }
 
-    #[test]
-    fn ranks_see_disjoint_equal_shards_that_cover_the_epoch() {
-        let data = examples(103);
-        let shards: Vec<Vec<usize>> = (0..4)
-            .map(|rank| {
-                Batcher::new(&data, Task::SequenceClassification, 0, 8, 7, rank, 4)
-                    .unwrap()
-                    .shard_order(3)
+    fn ids(batch: &Batch) -> Vec<Vec<u32>> {
+        batch.input_ids.to_vec2::<u32>().unwrap()
+    }
+
+    /// Examples whose ids identify them: example `i` is `[i, i, …]` of length `1 + i % 5`.
+    fn numbered(n: usize) -> Vec<Example> {
+        (0..n)
+            .map(|i| Example {
+                ids: vec![i as u32 + 1; 1 + i % 5],
+                label: (i % 2) as u32,
             })
-            .collect();
-        assert!(shards.iter().all(|s| s.len() == 25));
-        let mut all: Vec<usize> = shards.concat();
+            .collect()
+    }
+
+    #[test]
+    fn every_world_size_splits_the_same_global_batches_into_contiguous_slices() {
+        let data = numbered(103);
+        let one = Batcher::new(&data, Task::SequenceClassification, 0, 8, 7, 0, 1).unwrap();
+        assert_eq!(one.batches_per_epoch(), 12);
+        for world in [2, 4] {
+            for index in [0, 5, 11] {
+                let whole: Vec<u32> = ids(&one.batch(3, index, &Device::Cpu).unwrap())
+                    .iter()
+                    .map(|row| row[0])
+                    .collect();
+                let mut joined = Vec::new();
+                for rank in 0..world {
+                    let b = Batcher::new(&data, Task::SequenceClassification, 0, 8, 7, rank, world)
+                        .unwrap();
+                    assert_eq!(b.batches_per_epoch(), 12);
+                    assert_eq!(b.first_example(), rank * 8 / world);
+                    let slice = b.batch(3, index, &Device::Cpu).unwrap();
+                    assert_eq!(slice.len(), 8 / world);
+                    joined.extend(ids(&slice).iter().map(|row| row[0]));
+                }
+                assert_eq!(joined, whole, "world {world}, batch {index}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_epoch_visits_distinct_examples_in_full_batches() {
+        let data = examples(103);
+        let order = Batcher::new(&data, Task::SequenceClassification, 0, 8, 7, 0, 1)
+            .unwrap()
+            .epoch_order(3);
+        assert_eq!(order.len(), 96);
+        let mut all = order.clone();
         all.sort_unstable();
         all.dedup();
-        assert_eq!(all.len(), 100);
+        assert_eq!(all.len(), 96);
+    }
+
+    #[test]
+    fn a_batch_that_does_not_split_over_the_ranks_is_refused_naming_both_fields() {
+        let data = examples(40);
+        let err = Batcher::new(&data, Task::SequenceClassification, 0, 10, 0, 0, 4).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("batchSize") && text.contains("replicas") && text.contains("12"),
+            "{text}"
+        );
+        let err = Batcher::new(&data, Task::SequenceClassification, 0, 64, 0, 0, 1).unwrap_err();
+        assert!(err.to_string().contains("40 training examples"), "{err}");
     }
 
     #[test]
@@ -268,23 +327,21 @@ mod tests {
         let data = examples(50);
         let batcher =
             |seed| Batcher::new(&data, Task::SequenceClassification, 0, 8, seed, 0, 1).unwrap();
-        assert_eq!(batcher(1).shard_order(0), batcher(1).shard_order(0));
-        assert_ne!(batcher(1).shard_order(0), batcher(2).shard_order(0));
-        assert_ne!(batcher(1).shard_order(0), batcher(1).shard_order(1));
+        assert_eq!(batcher(1).epoch_order(0), batcher(1).epoch_order(0));
+        assert_ne!(batcher(1).epoch_order(0), batcher(2).epoch_order(0));
+        assert_ne!(batcher(1).epoch_order(0), batcher(1).epoch_order(1));
     }
 
     #[test]
     fn addressed_batch_equals_the_iterated_one() {
         let data = examples(30);
-        let batcher = Batcher::new(&data, Task::SequenceClassification, 0, 8, 3, 0, 1).unwrap();
+        let batcher = Batcher::new(&data, Task::SequenceClassification, 0, 8, 3, 1, 2).unwrap();
         let iterated: Vec<Batch> = batcher.epoch(2, &Device::Cpu).map(Result::unwrap).collect();
         assert_eq!(iterated.len(), batcher.batches_per_epoch());
-        assert_eq!(iterated.last().unwrap().len(), 6);
+        assert_eq!(iterated.len(), 3);
+        assert!(iterated.iter().all(|b| b.len() == 4));
         let addressed = batcher.batch(2, 1, &Device::Cpu).unwrap();
-        assert_eq!(
-            addressed.input_ids.to_vec2::<u32>().unwrap(),
-            iterated[1].input_ids.to_vec2::<u32>().unwrap()
-        );
+        assert_eq!(ids(&addressed), ids(&iterated[1]));
     }
 
     #[test]
@@ -296,15 +353,16 @@ mod tests {
             })
             .collect();
         let batcher = Batcher::new(&data, Task::SequenceClassification, 0, 16, 5, 0, 1).unwrap();
-        let order = batcher.shard_order(0);
+        let order = batcher.epoch_order(0);
         let mut seen = order.clone();
         seen.sort_unstable();
-        assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+        seen.dedup();
+        assert_eq!(seen.len(), 992);
         let padded: usize = order
             .chunks(16)
             .map(|b| b.len() * b.iter().map(|&i| data[i].ids.len()).max().unwrap())
             .sum();
-        let real: usize = data.iter().map(|e| e.ids.len()).sum();
+        let real: usize = order.iter().map(|&i| data[i].ids.len()).sum();
         // Random batches of 16 from lengths 1..60 pad to ~57 on average (~1.9x the real tokens).
         assert!(
             (padded as f64) < 1.15 * real as f64,

@@ -7,7 +7,7 @@ use petl_crds::LoraConfig;
 use super::{Method, head::Head};
 use crate::init::Rng;
 use crate::models::bert::Bert;
-use crate::tape::{Dropout, LoraDelta};
+use crate::tape::{Dropout, LoraDelta, StepSeed};
 use crate::{Error, Result};
 
 pub struct Lora {
@@ -109,6 +109,12 @@ impl Method for Lora {
     fn set_training(&self, training: bool) {
         for d in &self.dropouts {
             d.set_active(training);
+        }
+    }
+
+    fn begin_step(&self, step: StepSeed) {
+        for d in &self.dropouts {
+            d.begin_step(step);
         }
     }
 }

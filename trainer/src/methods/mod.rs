@@ -11,6 +11,7 @@ use petl_crds::MethodConfig;
 
 use crate::Result;
 use crate::models::bert::Bert;
+use crate::tape::StepSeed;
 pub use backbone_tuning::{BackboneTuning, Selection};
 
 /// One fine-tuning method bound to its backbone.
@@ -27,6 +28,10 @@ pub trait Method: Send {
 
     /// Switches training-only behaviour (dropout) on or off.
     fn set_training(&self, _training: bool) {}
+
+    /// Tells randomised layers (dropout) which step and examples the next forward trains on, so
+    /// their draws depend on those alone.
+    fn begin_step(&self, _step: StepSeed) {}
 
     /// The tensors an adapter file carries, under their published names (PEFT names for LoRA).
     fn exportable(&self) -> Vec<(String, Tensor)> {

@@ -1,18 +1,31 @@
-//! The bridge from a resolved job to trainer-core's loop: builds the backbone and method, feeds
-//! it this rank's batches, and turns step and evaluation events into progress and metrics.
+//! The bridge from a resolved job to the training loop: builds the backbone and method, joins the
+//! ranks, restores the agreed snapshot, feeds this rank its slices of the global batches, and
+//! recovers in place when a peer is lost; step events become progress, metrics, the worker
+//! report, snapshots and (when asked) injected faults.
+
+use std::time::Instant;
 
 use candle_core::{DType, Device};
 use petl_crds::{MethodConfig, ModelDtype, PetlJobSpec};
 
-use super::{ResolvedSources, RunOptions};
+use super::fault::{self, Fault, FaultKind};
+use super::recovery::{self, Resume};
+use super::report::ReportWriter;
+use super::snapshots::SnapshotLink;
+use super::{ResolvedSources, RunOptions, ranks};
 use crate::data::{Batch, Batcher, Dataset, Task};
 use crate::export::LoraSettings;
+use crate::manifest::RecoveryRecord;
 use crate::methods;
 use crate::metrics::TrainerMetrics;
 use crate::models::bert::Bert;
 use crate::progress::{Progress, StepUpdate};
-use crate::train::{Batches, Evaluation, Observer, StepInfo, TrainConfig, Trainer};
+use crate::sharding::DEFAULT_BUCKET_ELEMS;
+use crate::train::{Batches, Evaluation, Observer, SnapshotState, StepInfo, TrainConfig, Trainer};
 use crate::{Error, Result};
+
+/// Recoveries one process attempts before it gives up and exits (temporary failure).
+const MAX_RECOVERIES: usize = 20;
 
 /// What training hands to publishing.
 #[derive(Debug, Clone)]
@@ -28,9 +41,11 @@ pub struct Trained {
     /// Peak training memory of any step (see [`crate::train::Report::peak_memory_bytes`]).
     pub peak_memory_bytes: u64,
     pub samples_per_second: f64,
+    /// The recoveries this process went through.
+    pub recoveries: Vec<RecoveryRecord>,
 }
 
-/// This rank's training batches, addressed by (epoch, index).
+/// This rank's slices of the global training batches, addressed by (epoch, index).
 pub struct RankBatches<'a> {
     pub batcher: Batcher<'a>,
     pub device: Device,
@@ -44,9 +59,13 @@ impl Batches for RankBatches<'_> {
     fn batch(&self, epoch: u64, index: usize) -> Result<Batch> {
         self.batcher.batch(epoch, index, &self.device)
     }
+
+    fn first_example(&self) -> usize {
+        self.batcher.first_example()
+    }
 }
 
-/// Validation batches over the whole validation split (every rank evaluates all of it), cut from
+/// Validation batches over the whole validation split (each rank scores its share), cut from
 /// the examples sorted by length so a batch pads little: the metrics do not depend on the order,
 /// and padding would otherwise cost a large share of every evaluation.
 pub fn validation_batches(
@@ -62,14 +81,15 @@ pub fn validation_batches(
         .collect()
 }
 
-/// Trains this rank and returns what publishing needs.
+/// Trains this rank and returns what publishing needs, with the trainer (still in its group,
+/// for the barrier after publishing).
 pub fn train(
     spec: &PetlJobSpec,
     options: &RunOptions,
     sources: &ResolvedSources,
     dataset: &Dataset,
     metrics: &TrainerMetrics,
-) -> Result<Trained> {
+) -> Result<(Trained, Trainer)> {
     if dataset.task == Task::CausalLm {
         return Err(Error::Config {
             field: "spec.dataset.task".into(),
@@ -100,13 +120,81 @@ pub fn train(
         device: device.clone(),
     };
     let validation = validation_batches(dataset, batch_size, &device)?;
-    let total_steps = config.total_steps(batches.batches_per_epoch());
-    let mut trainer = Trainer::new(method, config);
-    let mut observer = ProgressObserver {
-        progress: Progress::new(total_steps, options.display, Some(metrics.clone())),
+    let per_epoch = batches.batches_per_epoch();
+    let total_steps = config.total_steps(per_epoch);
+    let every_steps = u64::try_from(spec.snapshot.every_steps).unwrap_or(1);
+    let link = options
+        .snapshot_socket
+        .as_deref()
+        .map(|socket| SnapshotLink::new(socket, every_steps, options.connect_deadline));
+    let connect = || {
+        ranks::connect(
+            options.rank,
+            options.world_size,
+            &options.job_name,
+            options.peers.as_ref(),
+        )
     };
-    let report = trainer.fit(&batches, &validation, &mut observer)?;
-    observer.progress.finish();
+    let mut trainer = Trainer::for_rank(
+        method,
+        config,
+        options.rank,
+        options.world_size,
+        DEFAULT_BUCKET_ELEMS,
+    )?;
+    metrics.world_size.set(options.world_size as i64);
+    let resume = Resume {
+        link: link.as_ref(),
+        connect: &connect,
+        batches_per_epoch: per_epoch,
+    };
+    let mut records = Vec::new();
+    let reporting = options.rank == 0;
+    let mut observer = RankObserver {
+        rank: options.rank,
+        progress: reporting
+            .then(|| Progress::new(total_steps, options.display, Some(metrics.clone()))),
+        report: ReportWriter::new(metrics.clone(), spec, options.world_size),
+        link: link.as_ref(),
+        batches_per_epoch: per_epoch,
+        fault: options.fault,
+    };
+    // Start: the agreed generation (a restarted or replaced rank resumes it), or step 0.
+    let mut start_retries = MAX_RECOVERIES;
+    if let Some(record) = resume_with_retries(
+        &mut trainer,
+        &resume,
+        true,
+        options.started,
+        &mut start_retries,
+    )? {
+        observer.recovered(&record);
+        records.push(record);
+    }
+    let mut recoveries_left = MAX_RECOVERIES;
+    let report = loop {
+        match trainer.fit(&batches, &validation, &mut observer) {
+            Ok(report) => break report,
+            Err(Error::Collective(e)) if e.is_peer_lost() && recoveries_left > 0 => {
+                let noticed = Instant::now();
+                tracing::warn!(error = %e, step = trainer.step(), "lost a peer; recovering in place");
+                if let Some(record) = resume_with_retries(
+                    &mut trainer,
+                    &resume,
+                    false,
+                    noticed,
+                    &mut recoveries_left,
+                )? {
+                    observer.recovered(&record);
+                    records.push(record);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if let Some(progress) = &observer.progress {
+        progress.finish();
+    }
     tracing::info!(
         steps = report.steps,
         final_loss = report.final_loss,
@@ -127,7 +215,7 @@ pub fn train(
         _ => None,
     };
     let method = trainer.method();
-    Ok(Trained {
+    let trained = Trained {
         steps: report.steps,
         final_loss: Some(report.final_loss).filter(|l| l.is_finite()),
         eval_metric: report.eval.as_ref().map(Evaluation::metric),
@@ -141,23 +229,114 @@ pub fn train(
         trainable_parameters: report.trainable_parameters as u64,
         peak_memory_bytes: report.peak_memory_bytes as u64,
         samples_per_second: report.samples_per_second,
-    })
+        recoveries: records,
+    };
+    Ok((trained, trainer))
 }
 
-/// Forwards the loop's events to the progress display and the Prometheus gauges.
-struct ProgressObserver {
-    progress: Progress,
+/// [`recovery::resume`], tried again while a peer is lost during it (bounded by `left`).
+fn resume_with_retries(
+    trainer: &mut Trainer,
+    resume: &Resume<'_>,
+    new_process: bool,
+    since: Instant,
+    left: &mut usize,
+) -> Result<Option<RecoveryRecord>> {
+    loop {
+        match recovery::resume(trainer, resume, new_process, since) {
+            Err(Error::Collective(e)) if e.is_peer_lost() && *left > 0 => {
+                *left -= 1;
+                tracing::warn!(error = %e, "lost a peer while resuming; trying again");
+            }
+            other => return other,
+        }
+    }
 }
 
-impl Observer for ProgressObserver {
-    fn on_step(&mut self, info: &StepInfo, _trainer: &Trainer) -> Result<()> {
-        self.progress.step(&StepUpdate {
-            step: info.step,
-            loss: info.loss,
-            learning_rate: info.lr,
-            samples_per_second: info.samples_per_second,
-            peak_memory_bytes: info.peak_memory_bytes as u64,
-        });
+/// Forwards the loop's events: progress and metrics (rank 0), the worker report, this rank's
+/// snapshots, and an injected fault.
+struct RankObserver<'a> {
+    rank: usize,
+    progress: Option<Progress>,
+    report: ReportWriter,
+    link: Option<&'a SnapshotLink>,
+    batches_per_epoch: usize,
+    fault: Option<Fault>,
+}
+
+impl RankObserver<'_> {
+    fn recovered(&mut self, record: &RecoveryRecord) {
+        let tiers: Vec<String> = record
+            .tiers
+            .iter()
+            .enumerate()
+            .map(|(rank, tier)| format!("rank {rank} {tier}"))
+            .collect();
+        let line = format!(
+            "recovered at generation {} in {:.2} s (lost: {:?}; {})",
+            record.restored_generation,
+            record.seconds,
+            record.lost_ranks,
+            tiers.join(", ")
+        );
+        tracing::info!(
+            restored_generation = record.restored_generation,
+            lost_ranks = ?record.lost_ranks,
+            tiers = ?record.tiers,
+            seconds = record.seconds,
+            "recovered"
+        );
+        if let Some(progress) = &self.progress {
+            progress.note(&line);
+        }
+        self.report.recovered(record);
+    }
+}
+
+impl Observer for RankObserver<'_> {
+    fn snapshot_state(&mut self) -> SnapshotState {
+        match self.link {
+            Some(link) => SnapshotState {
+                ready: link.ready(),
+                committed: link.committed(),
+            },
+            None => SnapshotState::default(),
+        }
+    }
+
+    fn on_step(&mut self, info: &StepInfo, trainer: &mut Trainer) -> Result<()> {
+        if let Some(link) = self.link
+            && info.snapshot_ready
+            && info.step.is_multiple_of(link.every_steps)
+        {
+            link.put(trainer.snapshot(self.batches_per_epoch)?);
+        }
+        if let Some(progress) = &self.progress {
+            progress.step(&StepUpdate {
+                step: info.step,
+                loss: info.loss,
+                learning_rate: info.lr,
+                samples_per_second: info.samples_per_second,
+                peak_memory_bytes: info.peak_memory_bytes as u64,
+            });
+        }
+        if self.rank == 0 {
+            self.report.step(info);
+        }
+        if let Some(f) = self.fault
+            && f.step <= info.step
+        {
+            if f.step == info.step {
+                fault::strike(self.rank, &f);
+            }
+            if f.what == FaultKind::Perturb {
+                // Again after every step: the next all-gather would otherwise heal it, as it
+                // heals every scalar; a rank that keeps differing is what the check must catch.
+                trainer.perturb_for_test()?;
+            } else {
+                self.fault = None;
+            }
+        }
         Ok(())
     }
 
@@ -167,7 +346,12 @@ impl Observer for ProgressObserver {
         } else {
             "perplexity"
         };
-        self.progress.eval(step, name, eval.metric());
+        if let Some(progress) = &self.progress {
+            progress.eval(step, name, eval.metric());
+        }
+        if self.rank == 0 {
+            self.report.eval(eval.metric());
+        }
         Ok(())
     }
 }

@@ -1,0 +1,111 @@
+//! One `petl run` of a job, watched line by line: when each step completed (rank 0's JSON step
+//! lines, timed as they arrive), when faults were injected, and the manifest at the end.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use petl_trainer::manifest::Manifest;
+
+use crate::job::Job;
+
+/// What a run showed.
+pub struct Watched {
+    pub manifest: Manifest,
+    /// (step, seconds since start) of every step line, in arrival order (a recovery repeats steps).
+    pub steps: Vec<(u64, f64)>,
+    /// Seconds since start of each injected fault.
+    pub faults: Vec<f64>,
+}
+
+/// Runs `job` with `petl` in a fresh directory, with extra flags and environment.
+pub fn run(petl: &Path, job: &Job, extra: &[String], env: &[(&str, String)]) -> Result<Watched> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("job.yaml");
+    std::fs::write(&file, job.yaml())?;
+    let start = Instant::now();
+    let mut child = Command::new(petl)
+        .arg("run")
+        .arg(&file)
+        .args(["--log-format", "json"])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", petl.display()))?;
+    let mut steps = Vec::new();
+    let mut faults = Vec::new();
+    let mut tail = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            let at = start.elapsed().as_secs_f64();
+            if line.contains("fault injected") {
+                faults.push(at);
+            }
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["fields"]["message"] == "step"
+                && let Some(step) = v["fields"]["step"].as_u64()
+            {
+                steps.push((step, at));
+            }
+            tail.push(line);
+            if tail.len() > 40 {
+                tail.remove(0);
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("petl run failed ({status}):\n{}", tail.join("\n"));
+    }
+    let manifest = Manifest::read(&dir.path().join("out"))?;
+    Ok(Watched {
+        manifest,
+        steps,
+        faults,
+    })
+}
+
+impl Watched {
+    /// Mean seconds per step over the run (training time only, from the manifest's samples/s).
+    pub fn step_seconds(&self, batch: usize) -> f64 {
+        batch as f64 / self.manifest.metrics.samples_per_second
+    }
+
+    /// The median gap between consecutive step lines before the first fault: a step's time.
+    pub fn steady_step(&self) -> f64 {
+        let until = self.faults.first().copied().unwrap_or(f64::INFINITY);
+        let mut gaps: Vec<f64> = self
+            .steps
+            .windows(2)
+            .filter(|w| w[1].1 < until && w[1].0 == w[0].0 + 1)
+            .map(|w| w[1].1 - w[0].1)
+            .collect();
+        gaps.sort_by(f64::total_cmp);
+        gaps.get(gaps.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    /// From the first fault to the first step completed after it, and to the job being past the
+    /// step it had reached when the fault struck (recomputation included).
+    pub fn lost(&self) -> Option<(f64, f64)> {
+        let fault = *self.faults.first()?;
+        let reached = self
+            .steps
+            .iter()
+            .filter(|(_, at)| *at <= fault)
+            .map(|(s, _)| *s)
+            .max()
+            .unwrap_or(0);
+        let next = self.steps.iter().find(|(_, at)| *at > fault)?.1;
+        let past = self
+            .steps
+            .iter()
+            .find(|(s, at)| *at > fault && *s > reached)?
+            .1;
+        Some((next - fault, past - fault))
+    }
+}
