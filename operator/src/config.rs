@@ -58,9 +58,18 @@ pub struct Config {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 
-    /// Worker image for jobs that do not set spec.workers.image.
+    /// Worker image for jobs that do not set spec.workers.image (trainer and snapshot agent).
     #[arg(long, env = "PETL_TRAINER_IMAGE")]
     pub trainer_image: Option<String>,
+
+    /// Trainer image for jobs that ask for nvidia.com/gpu and do not set spec.workers.image
+    /// (their snapshot agent keeps --trainer-image).
+    #[arg(long, env = "PETL_TRAINER_CUDA_IMAGE")]
+    pub trainer_cuda_image: Option<String>,
+
+    /// Port of the trainer's /metrics and /report in worker pods (the container port `metrics`).
+    #[arg(long, env = "PETL_WORKER_METRICS_PORT", default_value_t = crate::reconcile::pod::TRAINER_METRICS_PORT)]
+    pub worker_metrics_port: u16,
 
     /// Reconciles running at once (0 = unbounded); one job is never reconciled twice at once.
     #[arg(long, env = "PETL_CONCURRENCY", default_value_t = 16)]
@@ -82,6 +91,8 @@ impl Config {
             lease_renew_grace_seconds: 5,
             identity: None,
             trainer_image: None,
+            trainer_cuda_image: None,
+            worker_metrics_port: crate::reconcile::pod::TRAINER_METRICS_PORT,
             concurrency: 16,
         }
     }

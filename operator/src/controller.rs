@@ -1,95 +1,24 @@
 //! The kube-runtime Controller over PetlJobs: watches (PetlJobs filtered by generation, their
 //! pods, ConfigMaps and Services by label), the finalizer-wrapped reconcile, and the error policy.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use petl_crds::PetlJob;
 use tracing::{debug, info, instrument, warn};
 
-use crate::metrics::Metrics;
+use crate::context::{ChildStores, Context};
 use crate::reconcile::{self, ranks::JOB_LABEL};
-use crate::{Config, Error, JOB_FINALIZER, Result};
-
-/// What every reconcile gets.
-pub struct Context {
-    /// API client.
-    pub client: Client,
-    /// Publishes events on PetlJobs.
-    pub recorder: Recorder,
-    /// Operator metrics.
-    pub metrics: Arc<Metrics>,
-    /// The operator's flags.
-    pub config: Config,
-    /// What this operator remembers of each job between reconciles, by job UID.
-    pub(crate) jobs: Mutex<HashMap<String, crate::reconcile::JobMemory>>,
-    /// The ConfigMaps and Services the current leadership term watches.
-    children: RwLock<ChildStores>,
-}
-
-/// Metadata caches of the ConfigMaps and Services PetlJobs own, so a reconcile can tell that
-/// one was deleted by hand without asking the API server on every reconcile.
-#[derive(Clone, Default)]
-struct ChildStores {
-    config_maps: Option<Store<PartialObjectMeta<ConfigMap>>>,
-    services: Option<Store<PartialObjectMeta<Service>>>,
-}
-
-impl Context {
-    /// A context reporting events as `petl-operator` (instance: the pod name when known).
-    pub fn new(client: Client, config: Config, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter {
-            controller: crate::FIELD_MANAGER.into(),
-            instance: config.identity.clone(),
-        };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            config,
-            jobs: Mutex::new(HashMap::new()),
-            children: RwLock::new(ChildStores::default()),
-        }
-    }
-
-    /// Whether the job's ConfigMap or Service is missing from the watch caches. Before the
-    /// caches have listed once (or right after this operator created them) this says missing,
-    /// which only costs an idempotent server-side apply.
-    pub(crate) fn children_missing(
-        &self,
-        namespace: &str,
-        config_map: &str,
-        service: &str,
-    ) -> bool {
-        let stores = self
-            .children
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        !cached(&stores.config_maps, namespace, config_map)
-            || !cached(&stores.services, namespace, service)
-    }
-}
-
-fn cached<K>(store: &Option<Store<PartialObjectMeta<K>>>, namespace: &str, name: &str) -> bool
-where
-    K: Resource<DynamicType = ()> + Clone,
-{
-    store
-        .as_ref()
-        .is_some_and(|s| s.get(&ObjectRef::new(name).within(namespace)).is_some())
-}
+use crate::{Error, JOB_FINALIZER, Result};
 
 /// Reconcile one PetlJob: the whole body runs inside the finalizer helper, so a deleted job
 /// goes through [`reconcile::cleanup`] before it disappears.
@@ -146,10 +75,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let pods: Api<PartialObjectMeta<Pod>> = scoped(&client, &ctx.config.namespace);
     let (services, service_stream) =
         child_watch::<Service>(scoped(&client, &ctx.config.namespace), owned());
-    *ctx.children.write().unwrap_or_else(|e| e.into_inner()) = ChildStores {
+    ctx.set_child_stores(ChildStores {
         config_maps: Some(config_maps),
         services: Some(services),
-    };
+    });
+    // Rank 0's reports ask for reconciles of their jobs when they change.
+    let reports = ctx.reports.triggers();
     let (reader, writer) = reflector::store();
     // PetlJobs are listed consistently (from etcd, not a possibly older API server cache): a
     // job's first reconcile trusts a cached copy without status to mean no operator reported.
@@ -180,6 +111,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         // Deleting a ConfigMap or Service by hand re-triggers its job, which recreates it.
         .owns_stream(config_map_stream)
         .owns_stream(service_stream)
+        .reconcile_on(reports)
         .with_config(config)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
@@ -192,7 +124,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         _ = controller => {}
         _ = abandon_unstarted => debug!("stopped before the first PetlJob list"),
     }
-    *ctx.children.write().unwrap_or_else(|e| e.into_inner()) = ChildStores::default();
+    ctx.set_child_stores(ChildStores::default());
+    ctx.reports.stop_all();
     info!("the PetlJob controller stopped");
 }
 

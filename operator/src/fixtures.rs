@@ -7,7 +7,8 @@ use k8s_openapi::api::core::v1::{
 use kube::Resource;
 use petl_crds::PetlJob;
 
-use crate::reconcile::children::{self, Names};
+use crate::reconcile::children::Names;
+use crate::reconcile::pod::{self, WorkerDefaults};
 
 /// A PetlJob with `replicas` workers and image `petl:test`.
 pub fn job(name: &str, replicas: i32) -> PetlJob {
@@ -30,8 +31,8 @@ spec:
 
 fn pod(job_name: &str, rank: i32) -> Pod {
     let job = job(job_name, rank + 1);
-    let mut pod = children::pod(&job, &Names::of(&job).expect("short name"), rank, None)
-        .expect("pod renders");
+    let names = Names::of(&job);
+    let mut pod = pod::pod(&job, &names, rank, &WorkerDefaults::default()).expect("pod renders");
     pod.metadata.uid = Some(format!("pod-{job_name}-{rank}"));
     assert!(pod.meta().owner_references.is_some());
     pod
@@ -59,6 +60,47 @@ pub fn failed_pod(job_name: &str, rank: i32, exit_code: i32, conditions: &[&str]
             state: Some(ContainerState {
                 terminated: Some(ContainerStateTerminated {
                     exit_code,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        ..PodStatus::default()
+    });
+    pod
+}
+
+/// A Running, Ready pod of `rank` whose trainer restarted in place `restarts` times, last
+/// exiting with `exit_code`.
+pub fn restarted_pod(job_name: &str, rank: i32, restarts: i32, exit_code: i32) -> Pod {
+    let mut pod = running_pod(job_name, rank, true);
+    pod.status.as_mut().expect("a status").container_statuses = Some(vec![ContainerStatus {
+        name: "trainer".into(),
+        restart_count: restarts,
+        last_state: Some(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]);
+    pod
+}
+
+/// A Succeeded pod of `rank` whose trainer exited 0 with `message` as its termination message.
+pub fn succeeded_pod(job_name: &str, rank: i32, message: Option<&str>) -> Pod {
+    let mut pod = pod(job_name, rank);
+    pod.status = Some(PodStatus {
+        phase: Some("Succeeded".into()),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "trainer".into(),
+            state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: 0,
+                    message: message.map(Into::into),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -2,10 +2,12 @@
 //! and a token Secret, and reports their lifecycle in status, events and Prometheus metrics.
 
 pub mod config;
+pub mod context;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
+pub mod report;
 pub mod runtime;
 pub mod server;
 pub mod telemetry;

@@ -17,6 +17,9 @@ use petl_crds::{FailureAction, Phase};
 /// Log target of one debug line per reconcile with its exact duration (`RUST_LOG=warn,petl_operator::timing=debug`).
 pub const TIMING_TARGET: &str = "petl_operator::timing";
 
+/// [`crate::Error::metric_label`] of a reconcile whose API request failed.
+const API_REQUEST_FAILED: &str = "finalizererror(applyfailed(kubeerror))";
+
 /// Label of error counters: the error variant (see [`crate::Error::metric_label`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -36,6 +39,13 @@ pub struct PhaseLabels {
 pub struct FailureLabels {
     /// The failure-policy action that classified the failure: Count, Ignore or FailJob.
     pub action: String,
+}
+
+/// Label of the report-poll counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PollLabels {
+    /// `ok`, or why no report came: `timeout`, `unreachable`, `status`, `body`.
+    pub result: String,
 }
 
 /// All operator metrics, registered once in [`Metrics::registry`].
@@ -62,6 +72,10 @@ pub struct Metrics {
     pub recovery_duration: Histogram,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
+    /// Polls of rank 0's report, by result.
+    pub report_polls: Family<PollLabels, Counter>,
+    /// Wall time of one poll of rank 0's report.
+    pub report_poll_duration: Histogram,
     phases: Mutex<HashMap<String, Phase>>,
 }
 
@@ -77,6 +91,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("petl_operator");
         let reconciles = Counter::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        // The error of almost every failed reconcile (an API request failed), at zero from the
+        // start: the registry leaves out families without series, and a rate over a series that
+        // does not exist yet shows "no data" where it should show 0.
+        let _ = reconcile_errors.get_or_create(&ErrorLabels {
+            error: API_REQUEST_FAILED.into(),
+        });
         // 1 ms to ~9 s in steps of 1.2x: p50/p99 read off the buckets within 20%.
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 1.2, 51));
         let jobs = Family::<PhaseLabels, Gauge>::default();
@@ -86,6 +106,13 @@ impl Metrics {
         let recoveries = Counter::default();
         let recovery_duration = Histogram::new(exponential_buckets(0.1, 2.0, 16));
         let leader = Gauge::default();
+        let report_polls = Family::<PollLabels, Counter>::default();
+        // Likewise the successful polls, before the first job runs.
+        let _ = report_polls.get_or_create(&PollLabels {
+            result: "ok".into(),
+        });
+        // 1 ms to ~4 s (the poll's timeout is 2 s).
+        let report_poll_duration = Histogram::new(exponential_buckets(0.001, 2.0, 13));
 
         registry.register(
             "reconciles",
@@ -133,6 +160,18 @@ impl Metrics {
             leader.clone(),
         );
 
+        registry.register(
+            "report_polls",
+            "Polls of rank 0's /report, by result (ok, timeout, unreachable, status, body)",
+            report_polls.clone(),
+        );
+        registry.register_with_unit(
+            "report_poll_duration",
+            "Wall time of one poll of rank 0's /report",
+            prometheus_client::registry::Unit::Seconds,
+            report_poll_duration.clone(),
+        );
+
         Self {
             registry,
             reconciles,
@@ -145,6 +184,8 @@ impl Metrics {
             recoveries,
             recovery_duration,
             leader,
+            report_polls,
+            report_poll_duration,
             phases: Mutex::new(HashMap::new()),
         }
     }
@@ -173,6 +214,15 @@ impl Metrics {
         self.worker_failures
             .get_or_create(&FailureLabels { action })
             .inc();
+    }
+
+    /// Count one poll of rank 0's report: `failure` is the error's label, `None` for a report.
+    pub fn report_polled(&self, failure: Option<&str>, took: std::time::Duration) {
+        let result = failure.unwrap_or("ok").to_string();
+        self.report_polls
+            .get_or_create(&PollLabels { result })
+            .inc();
+        self.report_poll_duration.observe(took.as_secs_f64());
     }
 
     /// Record the phase of job `uid`, moving it between the per-phase gauges.
@@ -267,6 +317,35 @@ mod tests {
             text.contains("petl_operator_reconcile_errors_total{error=\"illegaljob\"} 1"),
             "{text}"
         );
+        // The failed API request's series is there, at zero, before any such failure.
+        assert!(
+            text.contains(&format!(
+                "petl_operator_reconcile_errors_total{{error=\"{API_REQUEST_FAILED}\"}} 0"
+            )),
+            "{text}"
+        );
+        let api =
+            crate::Error::FinalizerError(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+                crate::Error::KubeError(kube::Error::LinesCodecMaxLineLengthExceeded),
+            )));
+        assert_eq!(api.metric_label(), API_REQUEST_FAILED);
+    }
+
+    #[test]
+    fn report_polls_are_counted_by_result_and_timed() {
+        let m = Metrics::new();
+        m.report_polled(None, std::time::Duration::from_millis(3));
+        m.report_polled(Some("timeout"), std::time::Duration::from_secs(2));
+        let text = m.encode();
+        assert!(
+            text.contains("petl_operator_report_polls_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("petl_operator_report_polls_total{result=\"timeout\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("petl_operator_report_poll_duration_seconds_count 2"));
     }
 
     #[test]

@@ -13,7 +13,8 @@ use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{info, warn};
 
-use crate::controller::{self, Context};
+use crate::context::Context;
+use crate::controller;
 use crate::leader::Lease;
 use crate::metrics::Metrics;
 use crate::server::{self, ServerState};

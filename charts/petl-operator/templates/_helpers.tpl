@@ -32,10 +32,24 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* <image.registry>/<name>:<tag, default appVersion> */}}
+{{- define "petl-operator.petlImage" -}}
+{{- printf "%s/%s:%s" (trimSuffix "/" .root.Values.image.registry) .name (default .root.Chart.AppVersion .root.Values.image.tag) }}
+{{- end }}
+
 {{- define "petl-operator.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- default (include "petl-operator.petlImage" (dict "root" . "name" "petl-operator")) .Values.operatorImage }}
 {{- end }}
 
 {{- define "petl-operator.trainerImage" -}}
-{{- default (printf "petl/petl-trainer:%s" (default .Chart.AppVersion .Values.image.tag)) .Values.trainerImage }}
+{{- default (include "petl-operator.petlImage" (dict "root" . "name" "petl-worker")) .Values.trainerImage }}
+{{- end }}
+
+{{- define "petl-operator.trainerCudaImage" -}}
+{{- default (include "petl-operator.petlImage" (dict "root" . "name" "petl-worker-cuda")) .Values.trainerCudaImage }}
+{{- end }}
+
+{{/* The operator's ServiceAccount as the API server names the user. */}}
+{{- define "petl-operator.serviceAccountUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "petl-operator.serviceAccountName" .) }}
 {{- end }}

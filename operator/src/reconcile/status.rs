@@ -1,14 +1,17 @@
-//! The part of a PetlJob's status the operator owns under server-side apply. Progress,
-//! snapshot and artifact fields belong to the workers and are never written here.
+//! The part of a PetlJob's status the operator owns under server-side apply: all of it. What the
+//! workers report (progress, snapshot, artifact) reaches the status through the operator too.
 
 use petl_crds::{ConditionType, PetlJobStatus};
 use serde_json::{Value, json};
 
-/// Conditions the operator sets; others (SnapshotDegraded, ArtifactPublished) are the workers'.
-pub const OWNED_CONDITIONS: [ConditionType; 5] = [
+/// Conditions the operator sets: every type a PetlJob reports. A condition of another type
+/// (written by hand or by another tool) is left to its writer.
+pub const OWNED_CONDITIONS: [ConditionType; 7] = [
     ConditionType::Suspended,
     ConditionType::Running,
     ConditionType::Recovering,
+    ConditionType::SnapshotDegraded,
+    ConditionType::ArtifactPublished,
     ConditionType::Complete,
     ConditionType::Failed,
 ];
@@ -25,6 +28,9 @@ pub fn owned_fields(status: &PetlJobStatus) -> Value {
         "conditions": conditions,
         "observedGeneration": status.observed_generation,
         "workers": status.workers,
+        "progress": status.progress,
+        "snapshot": status.snapshot,
+        "artifact": status.artifact,
         "recoveries": status.recoveries,
         "lastRecovery": status.last_recovery,
         "restarts": status.restarts,
@@ -45,7 +51,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     #[test]
-    fn worker_owned_conditions_and_progress_are_left_out() {
+    fn conditions_of_other_writers_and_unset_fields_are_left_out() {
         let mut s = PetlJobStatus::default();
         let now = Time(Timestamp::now());
         s.set_condition(
@@ -59,11 +65,20 @@ mod tests {
         s.set_condition(
             ConditionType::SnapshotDegraded,
             true,
-            "ShardLost",
+            "ShardsLost",
             "",
             Some(1),
-            now,
+            now.clone(),
         );
+        s.conditions
+            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "AuditedByHand".into(),
+                status: "True".into(),
+                reason: "Checked".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: now,
+            });
         s.progress = Some(Default::default());
         let v = owned_fields(&s);
         let types: Vec<&str> = v["conditions"]
@@ -72,8 +87,9 @@ mod tests {
             .iter()
             .map(|c| c["type"].as_str().unwrap())
             .collect();
-        assert_eq!(types, vec!["Running"]);
-        assert!(v.get("progress").is_none());
+        assert_eq!(types, vec!["Running", "SnapshotDegraded"]);
+        assert!(v.get("progress").is_some(), "rank 0's progress is written");
+        assert!(v.get("artifact").is_none());
         assert!(v.get("startTime").is_none());
     }
 }
