@@ -6,9 +6,11 @@
 #      cannot JIT PTX from a newer nvcc);
 #   2. the runtime libraries a binary links against (cuBLAS, cuRAND, NVRTC) from PyPI wheels,
 #      with unversioned symlinks, and a stub libcuda.so (the driver ships in no wheel);
+#      and NCCL (the trainer's NcclCollective links libnccl through cudarc);
 #   3. cargo build -p petl-trainer --features cuda (PTX for sm_90 = H100/H200).
 # Idempotent: wheels and the unpacked tree are cached; cargo rebuilds only what changed.
-# usage: scripts/setup/cuda.sh [extra cargo args]   env: CARGO_TARGET_DIR (default target-cuda)
+# usage: scripts/setup/cuda.sh [extra cargo args]   env: CARGO_TARGET_DIR (default target-cuda),
+#   PETL_CUDA_CARGO (default "build --release"; "check" type-checks without linking)
 set -euo pipefail
 
 cache="${PETL_CACHE_DIR:-$HOME/.cache/petl}/cuda"
@@ -18,18 +20,22 @@ wheels=(
   "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" "nvidia-cuda-crt==13.0.88"
   "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85"
   "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35" "nvidia-cuda-nvrtc==13.0.88"
+  # 2.30: the release whose API cudarc's `nccl` feature (nccl-02030) was generated from.
+  "nvidia-nccl-cu13==2.30.7"
 )
 
 mkdir -p "$cache/wheels"
-if [ ! -x "$cr/bin/nvcc" ] || [ ! -e "$cr/lib/libcublas.so" ]; then
+if [ ! -x "$cr/bin/nvcc" ] || [ ! -e "$cr/lib/libcublas.so" ] || [ ! -e "$cache/nvidia/nccl/lib/libnccl.so.2" ]; then
   python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$cache/wheels" "${wheels[@]}"
   for w in "$cache"/wheels/*.whl; do python3 -m zipfile -e "$w" "$cache"; done
   chmod +x "$cr"/bin/* "$cr"/nvvm/bin/* 2>/dev/null || true
 fi
 "$cr/bin/nvcc" --version | tail -n 2
 
-# Linkers look for unversioned names; the wheels ship only libfoo.so.N.
-for lib in cublas cublasLt curand nvrtc cudart; do
+# Linkers look for unversioned names; the wheels ship only libfoo.so.N. NCCL's wheel unpacks
+# beside the toolkit tree (nvidia/nccl), so it is linked into the tree's lib first.
+ln -sf "$cache/nvidia/nccl/lib/libnccl.so.2" "$cr/lib/libnccl.so.2"
+for lib in cublas cublasLt curand nvrtc cudart nccl; do
   so="$(ls "$cr/lib/lib$lib.so."* 2>/dev/null | sort | head -n1 || true)"
   [ -n "$so" ] && ln -sf "$(basename "$so")" "$cr/lib/lib$lib.so"
 done
@@ -52,7 +58,8 @@ export LIBRARY_PATH="$cr/lib:$stub_dir${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $cr/lib -L $stub_dir"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target-cuda}"
 cd "$root"
-build() { cargo build --release -p petl-trainer --features cuda "$@" 2>&1 | tee "$stub_dir/build.log"; }
+read -r -a cargo_cmd <<< "${PETL_CUDA_CARGO:-build --release}"
+build() { cargo "${cargo_cmd[@]}" -p petl-trainer --features cuda "$@" 2>&1 | tee "$stub_dir/build.log"; }
 start=$(date +%s)
 # The linker names the driver symbols the stub lacks ("undefined reference to `cuX'" from GNU
 # ld, "undefined symbol: cuX" from lld, which stops after 20 errors): add them and relink until

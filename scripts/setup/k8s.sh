@@ -8,38 +8,16 @@
 # Env: PETL_CACHE (default ~/.cache/petl), PETL_BUILD_JOBS (go build -p, default nproc).
 set -euo pipefail
 
-K8S_VERSION=1.36.3
-STAGING_VERSION=0.36.3   # k8s.io/* staging modules are tagged v0.X.Y for Kubernetes v1.X.Y
+# shellcheck source=scripts/setup/lib/k8s-build.sh
+source "$(dirname "$0")/lib/k8s-build.sh"
 ETCD_VERSION=3.6.8       # the etcd that k8s.io/kubernetes v1.36.3 requires in its go.mod
 HELM_VERSION=3.22.0
 
-CACHE="${PETL_CACHE:-$HOME/.cache/petl}"
-K8S_DIR="$CACHE/k8s-v$K8S_VERSION"
 HELM_DIR="$CACHE/helm-v$HELM_VERSION"
-K8S_BIN="$K8S_DIR/bin"
 HELM_BIN="$HELM_DIR/bin"
-
-export GOMODCACHE="$CACHE/go/mod"
-export GOCACHE="$CACHE/go/build"
-export GOFLAGS="-mod=mod -buildvcs=false"
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-JOBS="${PETL_BUILD_JOBS:-$(nproc)}"
-# Stamp the release into the binaries as Kubernetes' own build does
-# (hack/lib/version.sh); otherwise they report v0.0.0-master, which kubectl,
-# helm (chart kubeVersion) and version checks in tests would all see.
-K8S_LDFLAGS="-s -w"
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  K8S_LDFLAGS+=" -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=${K8S_VERSION%%.*}"
-  K8S_LDFLAGS+=" -X $pkg.gitMinor=$(cut -d. -f2 <<<"$K8S_VERSION") -X $pkg.gitTreeState=clean"
-  K8S_LDFLAGS+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
-done
 HELM_LDFLAGS="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 # Changing what goes into a binary changes this recipe, which forces a rebuild.
 RECIPE="k8s=$K8S_VERSION staging=$STAGING_VERSION etcd=$ETCD_VERSION ldflags=$K8S_LDFLAGS"
-
-started=$(date +%s)
-log() { printf '[k8s.sh %4ds] %s\n' "$(( $(date +%s) - started ))" "$*" >&2; }
 
 have_all() {
   [[ "$(cat "$K8S_BIN/.recipe" 2>/dev/null)" == "$RECIPE" ]] || return 1
@@ -54,11 +32,11 @@ if have_all; then
   exit 0
 fi
 
-command -v go >/dev/null || { echo "k8s.sh: 'go' not found on PATH; install Go >= 1.26" >&2; exit 1; }
+require_go
 mkdir -p "$K8S_BIN" "$HELM_BIN" "$GOMODCACHE" "$GOCACHE"
 
 # Serialise concurrent runs (several test binaries may call this at once).
-exec 9>"$CACHE/k8s-setup.lock"
+exec 9>"$K8S_LOCK"
 flock 9
 if have_all; then
   log "another run finished the build meanwhile; nothing to do"
@@ -69,26 +47,11 @@ if [[ "$(cat "$K8S_BIN/.recipe" 2>/dev/null)" != "$RECIPE" ]]; then
   rm -f "$K8S_BIN"/{etcd,kube-apiserver,kube-controller-manager,kubectl}
 fi
 
-# build_in MODULE_DIR OUT PACKAGE [LDFLAGS]: builds PACKAGE inside the throwaway module
-# MODULE_DIR, writing to a temp name first so a killed build leaves no binary.
-build_in() {
-  local dir=$1 out=$2 pkg=$3 ldflags=${4:-"-s -w"}
-  if [[ -x "$out" ]]; then
-    log "$(basename "$out"): cached"
-    return
-  fi
-  log "$(basename "$out"): building $pkg (slow on a cold cache)"
-  local t0; t0=$(date +%s)
-  (cd "$dir" && go build -p "$JOBS" -trimpath -ldflags="$ldflags" -o "$out.tmp" "$pkg")
-  mv "$out.tmp" "$out"
-  log "$(basename "$out"): built in $(( $(date +%s) - t0 ))s"
-}
-
 # --- Kubernetes -------------------------------------------------------------
 # k8s.io/kubernetes replaces its staging modules with ./staging paths, which
 # `go install pkg@version` refuses; a throwaway module pins them to their
 # published v0.X.Y tags instead.
-k8s_mod="$K8S_DIR/src"
+k8s_mod="$K8S_MODULE"
 if [[ ! -f "$k8s_mod/.resolved" ]]; then
   log "resolving k8s.io/kubernetes v$K8S_VERSION"
   mkdir -p "$k8s_mod"
@@ -159,6 +122,6 @@ else
 fi
 
 "$K8S_BIN/kube-apiserver" --version >&2
-"$K8S_BIN/etcd" --version | head -n 1 >&2
+"$K8S_BIN/etcd" --version | sed -n 1p >&2  # sed reads all: no SIGPIPE under pipefail
 "$HELM_BIN/helm" version --short >&2
 log "done: $K8S_BIN $HELM_BIN"

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 if command -v prometheus >/dev/null 2>&1; then
-  echo "[prometheus.sh] $(prometheus --version 2>&1 | head -n 1)" >&2
+  echo "[prometheus.sh] $(prometheus --version 2>&1 | sed -n 1p)" >&2
   exit 0
 fi
 
@@ -38,4 +38,4 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recomme
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
   $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
-echo "[prometheus.sh] $(prometheus --version 2>&1 | head -n 1)" >&2
+echo "[prometheus.sh] $(prometheus --version 2>&1 | sed -n 1p)" >&2

@@ -71,27 +71,105 @@ impl Binaries {
         if binaries.missing().is_empty() {
             return Ok(binaries);
         }
-        let script = setup_script();
-        eprintln!(
-            "petl-tests: control-plane binaries missing ({}); running {} (first run builds from the Go module proxy)",
-            binaries
-                .missing()
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            script.display()
-        );
-        let status = Command::new("bash")
-            .arg(&script)
-            .status()
-            .context(|| format!("running {}", script.display()))?;
-        if !status.success() || !binaries.missing().is_empty() {
-            return Err(Error::Setup {
-                script,
-                status: status.to_string(),
-            });
-        }
+        run_setup(
+            "control-plane binaries",
+            setup_script(),
+            binaries.missing().iter().map(|p| p.to_path_buf()).collect(),
+            || binaries.missing().is_empty(),
+        )?;
         Ok(binaries)
     }
+}
+
+/// CoreDNS release; must match `COREDNS_VERSION` in `scripts/setup/node.sh`.
+pub const COREDNS_VERSION: &str = "1.15.0";
+
+/// The executables of a node, beside the control plane's: the ones `scripts/setup/node.sh`
+/// builds (kubelet, kube-scheduler, kube-proxy, CoreDNS) and the Debian packages it installs.
+#[derive(Debug, Clone)]
+pub struct NodeBinaries {
+    pub kubelet: PathBuf,
+    pub kube_scheduler: PathBuf,
+    pub kube_proxy: PathBuf,
+    pub coredns: PathBuf,
+    pub containerd: PathBuf,
+    pub ctr: PathBuf,
+    pub runc: PathBuf,
+    /// The bridge and host-local CNI plugins live here (Debian's `containernetworking-plugins`).
+    pub cni_dir: PathBuf,
+}
+
+impl NodeBinaries {
+    /// Where `scripts/setup/node.sh` and the Debian packages put them (they may not exist yet).
+    pub fn cached() -> Self {
+        let k8s = cache_dir().join(format!("k8s-v{KUBERNETES_VERSION}/bin"));
+        Self {
+            kubelet: k8s.join("kubelet"),
+            kube_scheduler: k8s.join("kube-scheduler"),
+            kube_proxy: k8s.join("kube-proxy"),
+            coredns: cache_dir().join(format!("coredns-v{COREDNS_VERSION}/bin/coredns")),
+            containerd: PathBuf::from("/usr/bin/containerd"),
+            ctr: PathBuf::from("/usr/bin/ctr"),
+            runc: PathBuf::from("/usr/sbin/runc"),
+            cni_dir: PathBuf::from("/usr/lib/cni"),
+        }
+    }
+
+    pub fn missing(&self) -> Vec<PathBuf> {
+        let mut paths = vec![
+            self.kubelet.clone(),
+            self.kube_scheduler.clone(),
+            self.kube_proxy.clone(),
+            self.coredns.clone(),
+            self.containerd.clone(),
+            self.ctr.clone(),
+            self.runc.clone(),
+        ];
+        paths.extend(["bridge", "host-local", "loopback"].map(|p| self.cni_dir.join(p)));
+        paths.retain(|p| !p.is_file());
+        paths
+    }
+
+    /// The node's executables, running `scripts/setup/node.sh` first when any is missing (it
+    /// installs packages with apt-get and builds from the Go module proxy; blocking, minutes).
+    pub fn ensure() -> Result<Self> {
+        let binaries = Self::cached();
+        if binaries.missing().is_empty() {
+            return Ok(binaries);
+        }
+        run_setup(
+            "node binaries",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup/node.sh"),
+            binaries.missing(),
+            || binaries.missing().is_empty(),
+        )?;
+        Ok(binaries)
+    }
+}
+
+/// Runs a setup script for binaries that are `missing`, then checks with `installed` that the
+/// script left them in place.
+fn run_setup(
+    what: &str,
+    script: PathBuf,
+    missing: Vec<PathBuf>,
+    installed: impl Fn() -> bool,
+) -> Result<()> {
+    let names: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+    eprintln!(
+        "petl-tests: {what} missing ({}); running {} (a first run builds from the Go module proxy)",
+        names.join(", "),
+        script.display()
+    );
+    let status = Command::new("bash")
+        .arg(&script)
+        .status()
+        .context(|| format!("running {}", script.display()))?;
+    if !status.success() || !installed() {
+        return Err(Error::Setup {
+            script,
+            status: status.to_string(),
+        });
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! A real Kubernetes control plane per test: etcd, kube-apiserver and kube-controller-manager
 //! on free loopback ports under a temp dir (or an existing cluster via `PETL_TEST_KUBECONFIG`).
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Mutex;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde::Deserialize;
@@ -51,12 +52,17 @@ const START_ATTEMPTS: u32 = 3;
 pub struct ControlPlaneOptions {
     /// `--controllers` of kube-controller-manager (ignored for an external cluster).
     pub controllers: Vec<String>,
+    /// Where the API server listens and what it advertises (default `127.0.0.1`). Any other
+    /// address also publishes the `kubernetes` Service's endpoints, so that pods reach the
+    /// API server through a service proxy, and joins the serving certificate's names.
+    pub address: IpAddr,
 }
 
 impl Default for ControlPlaneOptions {
     fn default() -> Self {
         Self {
             controllers: DEFAULT_CONTROLLERS.iter().map(|c| c.to_string()).collect(),
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
     }
 }
@@ -83,7 +89,9 @@ struct LocalComponents {
     controller_manager: Supervised,
     apiserver: Supervised,
     etcd: Supervised,
+    address: IpAddr,
     api_port: u16,
+    pki: Pki,
     _spawner: Spawner,
 }
 
@@ -132,11 +140,48 @@ impl ControlPlane {
         self.dir.path()
     }
 
-    /// The API server's URL (`https://127.0.0.1:PORT`); `None` for an external cluster.
+    /// The API server's URL (`https://ADDRESS:PORT`, ADDRESS from
+    /// [`ControlPlaneOptions::address`]); `None` for an external cluster.
     pub fn server_url(&self) -> Option<String> {
         self.local
             .as_ref()
-            .map(|l| format!("https://127.0.0.1:{}", l.api_port))
+            .map(|l| server_url(l.address, l.api_port))
+    }
+
+    /// The CA certificate (PEM) that signed the API server's serving certificate and every
+    /// client certificate of this control plane; `None` for an external cluster.
+    pub fn ca_certificate(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.pki.ca_cert.as_path())
+    }
+
+    /// A kubeconfig that authenticates as `user` in `group` with a client certificate of this
+    /// control plane's CA (e.g. `system:node:NAME` in `system:nodes` for a kubelet), written to
+    /// `dir()/users/`. Fails for an external cluster, whose CA key the harness does not hold.
+    pub fn user_kubeconfig(&self, user: &str, group: Option<&str>) -> Result<PathBuf> {
+        let Some(local) = &self.local else {
+            return Err(Error::Kubeconfig {
+                path: self.kubeconfig.clone(),
+                message: format!(
+                    "cannot issue a certificate for {user}: the cluster is external, its CA key is not here"
+                ),
+            });
+        };
+        let stem: String = user
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let (cert, key) = local.pki.issue_client(&stem, user, group)?;
+        let users = self.dir.path().join("users");
+        std::fs::create_dir_all(&users).context(|| format!("creating {}", users.display()))?;
+        let path = users.join(format!("{stem}.kubeconfig"));
+        write_kubeconfig(
+            &path,
+            &server_url(local.address, local.api_port),
+            &local.pki.ca_cert,
+            &cert,
+            &key,
+        )?;
+        Ok(path)
     }
 
     /// Time from `start()` until the API server was ready and the controller
@@ -289,12 +334,13 @@ impl ControlPlane {
     async fn start_local(binaries: &Binaries, options: &ControlPlaneOptions) -> Result<Self> {
         let started = Instant::now();
         let dir = temp_dir()?;
-        let pki = Pki::generate(&dir.path().join("pki"))?;
+        let address = options.address;
+        let pki = Pki::generate(&dir.path().join("pki"), &address.to_string())?;
         let etcd_port = free_port()?;
         let peer_port = free_port()?;
         let api_port = free_port()?;
         let kcm_port = free_port()?;
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = server_url(address, api_port);
         let kubeconfig = dir.path().join("kubeconfig");
         write_kubeconfig(
             &kubeconfig,
@@ -325,7 +371,7 @@ impl ControlPlane {
         let apiserver = spawner.spawn(
             "kube-apiserver",
             &binaries.kube_apiserver,
-            &apiserver_args(&pki, etcd_port, api_port),
+            &apiserver_args(&pki, etcd_port, address, api_port),
             &log("kube-apiserver"),
         )?;
         let controller_manager = spawner.spawn(
@@ -338,12 +384,18 @@ impl ControlPlane {
             controller_manager,
             apiserver,
             etcd,
+            address,
             api_port,
+            pki,
             _spawner: spawner,
         };
 
         let client = client_from_kubeconfig(&kubeconfig).await?;
-        local.wait_ready(&client, started).await?;
+        let service_accounts = options
+            .controllers
+            .iter()
+            .any(|c| c == "serviceaccount-controller");
+        local.wait_ready(&client, started, service_accounts).await?;
         Ok(Self {
             client,
             kubeconfig,
@@ -360,9 +412,17 @@ impl ControlPlane {
 impl LocalComponents {
     /// Ready means: `/readyz` answers ok, and the controller manager has created
     /// the `default` service account in `default` (so its informers and
-    /// controllers run). Fails early with the log of a component that exited.
-    async fn wait_ready(&mut self, client: &Client, started: Instant) -> Result<()> {
+    /// controllers run); without the service-account controller, the accounts its
+    /// controllers act as in `kube-system`. Fails early with the log of a
+    /// component that exited.
+    async fn wait_ready(
+        &mut self,
+        client: &Client,
+        started: Instant,
+        service_accounts: bool,
+    ) -> Result<()> {
         let accounts = Api::<ServiceAccount>::namespaced(client.clone(), "default");
+        let system_accounts = Api::<ServiceAccount>::namespaced(client.clone(), "kube-system");
         let mut api_ready = false;
         loop {
             self.etcd.ensure_running()?;
@@ -374,7 +434,13 @@ impl LocalComponents {
                     api_ready = matches!(client.request_text(request).await, Ok(body) if body.trim() == "ok");
                 }
             }
-            if api_ready && matches!(accounts.get_opt("default").await, Ok(Some(_))) {
+            let controllers_up = if service_accounts {
+                matches!(accounts.get_opt("default").await, Ok(Some(_)))
+            } else {
+                let listed = system_accounts.list(&ListParams::default()).await;
+                matches!(listed, Ok(list) if !list.items.is_empty())
+            };
+            if api_ready && controllers_up {
                 return Ok(());
             }
             if started.elapsed() > READY_TIMEOUT {
@@ -435,12 +501,19 @@ fn etcd_args(dir: &Path, client_port: u16, peer_port: u16) -> Vec<String> {
     ]
 }
 
-fn apiserver_args(pki: &Pki, etcd_port: u16, api_port: u16) -> Vec<String> {
+fn apiserver_args(pki: &Pki, etcd_port: u16, address: IpAddr, api_port: u16) -> Vec<String> {
     let sa_key = pki.service_account_key.display();
+    // Endpoints refuse a loopback address; a control plane on loopback serves no pods, so
+    // the `kubernetes` Service then goes without endpoints.
+    let endpoint_reconciler = if address.is_loopback() {
+        "none"
+    } else {
+        "lease"
+    };
     vec![
         format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
+        format!("--bind-address={address}"),
+        format!("--advertise-address={address}"),
         format!("--secure-port={api_port}"),
         format!("--tls-cert-file={}", pki.serving_cert.display()),
         format!("--tls-private-key-file={}", pki.serving_key.display()),
@@ -454,9 +527,12 @@ fn apiserver_args(pki: &Pki, etcd_port: u16, api_port: u16) -> Vec<String> {
         format!("--service-cluster-ip-range={SERVICE_CIDR}"),
         "--authorization-mode=Node,RBAC".into(),
         "--allow-privileged=true".into(),
-        // The advertise address is loopback, which Endpoints refuse; nothing here
-        // needs the `kubernetes` Service's endpoints.
-        "--endpoint-reconciler-type=none".into(),
+        format!("--endpoint-reconciler-type={endpoint_reconciler}"),
+        // For `kubectl logs/exec` through a kubelet: the admin identity, which the kubelet's
+        // webhook authorizer lets through (the kubelet's serving certificate is self-signed
+        // and not checked).
+        format!("--kubelet-client-certificate={}", pki.admin_cert.display()),
+        format!("--kubelet-client-key={}", pki.admin_key.display()),
         "--profiling=false".into(),
         "--v=1".into(),
     ]
@@ -488,6 +564,13 @@ fn controller_manager_args(
         "--profiling=false".into(),
         "--v=1".into(),
     ]
+}
+
+fn server_url(address: IpAddr, port: u16) -> String {
+    match address {
+        IpAddr::V4(v4) => format!("https://{v4}:{port}"),
+        IpAddr::V6(v6) => format!("https://[{v6}]:{port}"),
+    }
 }
 
 fn write_kubeconfig(path: &Path, server: &str, ca: &Path, cert: &Path, key: &Path) -> Result<()> {

@@ -50,6 +50,22 @@ pub enum Error {
     },
     #[error("cannot set the status of pod {pod}: {message}")]
     PodStatus { pod: String, message: String },
+    #[error("node: {message}")]
+    Node { message: String },
+    #[error("petl images: {message}")]
+    Image { message: String },
+    #[error("pod {namespace}/{pod}: {message}")]
+    Pod {
+        namespace: String,
+        pod: String,
+        message: String,
+    },
+    #[error("PetlJob {namespace}/{job}: {message}")]
+    Job {
+        namespace: String,
+        job: String,
+        message: String,
+    },
     #[error("Prometheus HTTP API: {0}")]
     Http(#[from] reqwest::Error),
     #[error("Prometheus query {query:?} failed: {message}")]

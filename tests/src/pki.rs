@@ -10,9 +10,11 @@ use rcgen::{
 
 use crate::error::{IoContext, Result};
 
-/// Paths of the PEM files written by [`Pki::generate`].
-#[derive(Debug, Clone)]
+/// Paths of the PEM files written by [`Pki::generate`], and the CA that signed them (kept in
+/// memory to issue more client certificates later, e.g. for a node's kubelet).
 pub(crate) struct Pki {
+    dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
     pub(crate) ca_cert: PathBuf,
     pub(crate) serving_cert: PathBuf,
     pub(crate) serving_key: PathBuf,
@@ -28,7 +30,8 @@ pub(crate) struct Pki {
     pub(crate) service_account_public_key: PathBuf,
 }
 
-/// Names under which in-cluster clients reach the API server, plus loopback.
+/// Names under which in-cluster clients reach the API server, plus loopback; the address the
+/// API server listens on is added to these.
 const SERVING_NAMES: &[&str] = &[
     "127.0.0.1",
     "localhost",
@@ -43,7 +46,9 @@ const SERVING_NAMES: &[&str] = &[
 pub(crate) const SERVICE_CIDR: &str = "10.0.0.0/24";
 
 impl Pki {
-    pub(crate) fn generate(dir: &Path) -> Result<Self> {
+    /// A new CA and the control plane's certificates; `address` (where the API server
+    /// listens) joins the serving certificate's names.
+    pub(crate) fn generate(dir: &Path, address: &str) -> Result<Self> {
         std::fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
         let ca = certificate_authority()?;
         let write = |name: &str, pem: String| -> Result<PathBuf> {
@@ -53,11 +58,15 @@ impl Pki {
         };
 
         let ca_cert = write("ca.crt", ca.pem())?;
+        let mut serving_names = SERVING_NAMES.to_vec();
+        if !serving_names.contains(&address) {
+            serving_names.push(address);
+        }
         let (serving_cert, serving_key) = leaf(
             &ca,
             "kube-apiserver",
             None,
-            SERVING_NAMES,
+            &serving_names,
             ExtendedKeyUsagePurpose::ServerAuth,
         )?;
         let (admin_cert, admin_key) = leaf(
@@ -78,6 +87,8 @@ impl Pki {
         let service_account_key = service_account.serialize_pem();
         let service_account_public_key = service_account.public_key_pem();
         Ok(Self {
+            dir: dir.to_path_buf(),
+            ca,
             ca_cert,
             serving_cert: write("apiserver.crt", serving_cert)?,
             serving_key: write("apiserver.key", serving_key)?,
@@ -88,6 +99,30 @@ impl Pki {
             service_account_key: write("service-account.key", service_account_key)?,
             service_account_public_key: write("service-account.pub", service_account_public_key)?,
         })
+    }
+}
+
+impl Pki {
+    /// A client certificate for `user` in `group` (Kubernetes reads CN as the user and O as
+    /// the group), written as `<file_stem>.crt` and `.key`. Returns (certificate, key).
+    pub(crate) fn issue_client(
+        &self,
+        file_stem: &str,
+        user: &str,
+        group: Option<&str>,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let (cert, key) = leaf(
+            &self.ca,
+            user,
+            group,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        let cert_path = self.dir.join(format!("{file_stem}.crt"));
+        let key_path = self.dir.join(format!("{file_stem}.key"));
+        std::fs::write(&cert_path, cert).context(|| format!("writing {}", cert_path.display()))?;
+        std::fs::write(&key_path, key).context(|| format!("writing {}", key_path.display()))?;
+        Ok((cert_path, key_path))
     }
 }
 
@@ -105,8 +140,8 @@ fn certificate_authority() -> Result<CertifiedIssuer<'static, KeyPair>> {
     Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
 }
 
-/// A certificate signed by `ca`; Kubernetes maps CN to the user and O to groups.
-/// Returns (certificate PEM, private key PEM).
+/// A certificate signed by `ca`; Kubernetes maps CN to the user and O to a group (rcgen keeps
+/// one value per attribute, so one group). Returns (certificate PEM, private key PEM).
 fn leaf(
     ca: &CertifiedIssuer<'static, KeyPair>,
     common_name: &str,

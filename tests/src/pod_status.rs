@@ -37,6 +37,7 @@ pub struct PodStatusUpdate {
 struct ContainerOutcome {
     name: String,
     state: ContainerState,
+    last_state: Option<ContainerState>,
     ready: bool,
     restart_count: i32,
 }
@@ -94,6 +95,17 @@ impl PodStatusUpdate {
         self
     }
 
+    /// Container `name` is waiting for `reason`, which the kubelet explains with `message`
+    /// (e.g. `CreateContainerConfigError`: `secret "s3" not found`).
+    pub fn container_waiting_because(mut self, name: &str, reason: &str, message: &str) -> Self {
+        let mut outcome = waiting(name, reason);
+        if let Some(w) = outcome.state.waiting.as_mut() {
+            w.message = Some(message.to_string());
+        }
+        self.containers.push(outcome);
+        self
+    }
+
     /// Container `name` exited with `exit_code` (`reason` e.g. `Completed`, `Error`, `OOMKilled`).
     pub fn container_terminated(mut self, name: &str, exit_code: i32, reason: &str) -> Self {
         self.containers.push(terminated(name, exit_code, reason));
@@ -110,6 +122,39 @@ impl PodStatusUpdate {
     pub fn init_container_terminated(mut self, name: &str, exit_code: i32, reason: &str) -> Self {
         self.init_containers
             .push(terminated(name, exit_code, reason));
+        self
+    }
+
+    /// Container `name` exited with `exit_code` and wrote `message` to its termination-message
+    /// file (what the kubelet puts in `state.terminated.message`).
+    pub fn container_terminated_with_message(
+        mut self,
+        name: &str,
+        exit_code: i32,
+        reason: &str,
+        message: &str,
+    ) -> Self {
+        let mut outcome = terminated(name, exit_code, reason);
+        if let Some(t) = outcome.state.terminated.as_mut() {
+            t.message = Some(message.to_string());
+        }
+        self.containers.push(outcome);
+        self
+    }
+
+    /// Container (or init container) `name` restarted in place `count` times, the last time
+    /// after exiting with `exit_code` (its `restartCount` and `lastState.terminated`).
+    pub fn restarted(mut self, name: &str, count: i32, exit_code: i32) -> Self {
+        let last = terminated(name, exit_code, "Error").state;
+        for outcome in self
+            .containers
+            .iter_mut()
+            .chain(self.init_containers.iter_mut())
+            .filter(|c| c.name == name)
+        {
+            outcome.restart_count = count;
+            outcome.last_state = Some(last.clone());
+        }
         self
     }
 
@@ -137,6 +182,16 @@ impl PodStatusUpdate {
             last_transition_time: Some(Time(Timestamp::now())),
             ..PodCondition::default()
         });
+        self
+    }
+
+    /// `PodScheduled` False with reason `Unschedulable`, as the scheduler reports a pod it
+    /// cannot place, explained by `message`.
+    pub fn unschedulable(mut self, message: &str) -> Self {
+        self = self.condition("PodScheduled", false, "Unschedulable");
+        if let Some(c) = self.conditions.last_mut() {
+            c.message = Some(message.to_string());
+        }
         self
     }
 
@@ -216,6 +271,7 @@ impl ContainerOutcome {
             restart_count: self.restart_count,
             started: Some(self.state.running.is_some()),
             state: Some(self.state.clone()),
+            last_state: self.last_state.clone(),
             ..ContainerStatus::default()
         }
     }
@@ -230,6 +286,7 @@ fn running(name: &str) -> ContainerOutcome {
             }),
             ..ContainerState::default()
         },
+        last_state: None,
         ready: true,
         restart_count: 0,
     }
@@ -245,6 +302,7 @@ fn waiting(name: &str, reason: &str) -> ContainerOutcome {
             }),
             ..ContainerState::default()
         },
+        last_state: None,
         ready: false,
         restart_count: 0,
     }
@@ -264,6 +322,7 @@ fn terminated(name: &str, exit_code: i32, reason: &str) -> ContainerOutcome {
             }),
             ..ContainerState::default()
         },
+        last_state: None,
         ready: false,
         restart_count: 0,
     }

