@@ -276,6 +276,26 @@ impl Snapshot {
     }
 }
 
+/// Reads the manifest and checks every part's checksum without copying the parts: what the
+/// agent does to a state it rebuilt from shards before it hands it out.
+pub fn verify(bytes: &[u8]) -> Result<Manifest> {
+    let (manifest, payload) = read_manifest(bytes)?;
+    for part in &manifest.parts {
+        let start = part.offset as usize;
+        let data = payload
+            .get(start..start + part.len as usize)
+            .ok_or_else(|| {
+                Error::Manifest(format!("part {:?} lies outside the payload", part.name))
+            })?;
+        if blake3::hash(data).to_hex().as_str() != part.blake3 {
+            return Err(Error::Checksum {
+                part: part.name.clone(),
+            });
+        }
+    }
+    Ok(manifest)
+}
+
 /// Reads the manifest and checks its own checksum and the total length, without hashing the
 /// payload: cheap enough for the agent to do on every handoff.
 pub fn peek(bytes: &[u8]) -> Result<Manifest> {

@@ -34,38 +34,67 @@ async fn peer_link(cluster: &Cluster, to: usize, rank: u32) -> Conn<tokio::net::
     conn
 }
 
-#[test]
-fn a_shard_corrupted_before_its_checksum_is_caught_after_decode_and_never_restored() {
-    let mut cluster = Cluster::start(3, 2, 1, 1);
-    commit_generations(&cluster, 1..=2);
-    cluster.wait_durable(2);
-    // Rank 1 holds shard 0 of rank 0. Replace it with a copy that has one flipped byte but a
-    // matching shard checksum, as memory corruption before checksumming would.
+/// Replaces the shard `index` of `owner` at `generation` that `holder` keeps with a copy that
+/// has one flipped byte but a matching shard checksum, as memory corruption before
+/// checksumming would: only the decoded state's part checksums can catch it.
+fn plant_corrupted_shard(
+    cluster: &Cluster,
+    holder: usize,
+    owner: u32,
+    generation: u64,
+    index: u32,
+) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut link = peer_link(&cluster, 1, 0).await;
+        let mut link = peer_link(cluster, holder, owner).await;
         let fetch = Message::FetchShard {
-            owner: 0,
-            generation: 2,
-            index: 0,
+            owner,
+            generation,
+            index,
         };
         let Message::Shard { mut header, data } = link.call(&fetch).await.unwrap() else {
-            panic!("rank 1 holds no shard 0 of rank 0");
+            panic!("rank {holder} holds no shard {index} of rank {owner}");
         };
         let mut bad = data.to_vec();
-        bad[500_000] ^= 0x01;
+        bad[data.len() / 2] ^= 0x01;
         header.checksum = shard_checksum(&bad);
         let store = Message::StoreShard {
             header,
             data: bad.into(),
         };
         assert_eq!(link.call(&store).await.unwrap(), Message::Ack);
-        let commit = Message::Commit {
-            owner: 0,
-            generation: 2,
-        };
+        let commit = Message::Commit { owner, generation };
         assert_eq!(link.call(&commit).await.unwrap(), Message::Ack);
     });
+}
+
+#[test]
+fn a_shard_corrupted_before_its_checksum_is_caught_and_another_shard_set_rebuilds_the_state() {
+    // 4 ranks, 2+1: rank 0's shards 0, 1, 2 lie on ranks 1, 2, 3.
+    // Durable checkpoints only every 1000 generations: generation 2 can come only from peers.
+    let mut cluster = Cluster::start(4, 2, 1, 1000);
+    commit_generations(&cluster, 1..=2);
+    plant_corrupted_shard(&cluster, 1, 0, 2, 0);
+    cluster.replace_agent(0);
+    let restored = restore_all(&cluster);
+    for (rank, (snapshot, tier)) in restored.iter().enumerate() {
+        let expected = if rank == 0 { Tier::Peers } else { Tier::Local };
+        assert_eq!(*tier, expected, "rank {rank}");
+        assert!(
+            *snapshot == state(rank, 2, SIZE),
+            "rank {rank} restored other bytes"
+        );
+    }
+}
+
+#[test]
+fn when_no_shard_set_decodes_intact_the_restore_falls_to_the_durable_store() {
+    // 3 ranks, 2+1: rank 0's own shard 2 goes with its agent, so shards 0 and 1 (on ranks 1
+    // and 2) are the only set, and shard 0 is corrupted.
+    let mut cluster = Cluster::start(3, 2, 1, 1);
+    commit_generations(&cluster, 1..=2);
+    cluster.wait_durable(2);
+    plant_corrupted_shard(&cluster, 1, 0, 2, 0);
     cluster.replace_agent(0);
     let restored = restore_all(&cluster);
     let (snapshot, tier) = &restored[0];

@@ -148,42 +148,114 @@ async fn roll_back_durable(agent: &Arc<Agent>, generation: u64) {
 
 /// Tier 2: fetches this rank's shards from their holders, keeps the intact ones, decodes.
 /// Data shards are asked for first: when all k arrive intact no parity moves and nothing is
-/// decoded; parity is fetched only for what is missing.
+/// decoded; parity is fetched only for what is missing. Shards that fail their checksum on
+/// receipt are dropped. A shard corrupted before it was checksummed passes that check but
+/// spoils the decoded state, whose part checksums then fail: the agent then fetches every
+/// shard and tries other sets of k (at most [`MAX_SHARD_SETS`]) before it gives up, so such a
+/// state is never handed out and one bad shard does not cost the tier.
 async fn rebuild_from_peers(agent: &Arc<Agent>, generation: u64) -> Result<Bytes> {
     let layout = agent.cfg.layout;
     let owner = agent.rank();
     let mut shards: Vec<Shard> = Vec::new();
     let mut original_len = None;
+    let mut fetched = 0;
     for wave in [0..layout.data_shards, layout.data_shards..layout.total()] {
         if shards.len() >= layout.data_shards {
             break;
         }
-        let fetches = wave.map(|i| fetch_shard(agent, owner, generation, i));
-        for (header, data) in join_all(fetches).await.into_iter().flatten() {
-            let fits = header.owner == owner
-                && header.generation == generation
-                && header.data_shards as usize == layout.data_shards
-                && header.parity_shards as usize == layout.parity_shards
-                && original_len.is_none_or(|l| l == header.original_len);
-            // The digest is checked by `codec::decode` (remote shards also on receipt).
-            if fits {
-                original_len = Some(header.original_len);
-                shards.push(Shard {
-                    index: header.index as usize,
-                    checksum: header.checksum,
-                    data,
-                });
-            }
-        }
+        fetched = wave.end;
+        fetch_wave(
+            agent,
+            owner,
+            generation,
+            wave,
+            &mut shards,
+            &mut original_len,
+        )
+        .await;
     }
     let original_len = original_len.ok_or_else(|| {
         Error::Recovery(format!(
             "no intact shard of generation {generation} on any peer"
         ))
     })?;
-    let stripe = agent.cfg.stripe;
-    let bytes = blocking("decoder", move || {
-        codec::decode(layout, original_len as usize, &shards, stripe)
+    let first = decode_verified(agent, original_len, shards.clone(), generation).await;
+    let spoiled = match first {
+        Ok(bytes) => return Ok(bytes),
+        Err(e @ (Error::Checksum { .. } | Error::Manifest(_))) => e,
+        Err(e) => return Err(e),
+    };
+    tracing::warn!(generation, error = %spoiled, "the state rebuilt from peers' shards is corrupted; trying other shard sets");
+    fetch_wave(
+        agent,
+        owner,
+        generation,
+        fetched..layout.total(),
+        &mut shards,
+        &mut Some(original_len),
+    )
+    .await;
+    for set in shard_sets(shards.len(), layout.data_shards).take(MAX_SHARD_SETS) {
+        let chosen: Vec<Shard> = set.iter().map(|&i| shards[i].clone()).collect();
+        if let Ok(bytes) = decode_verified(agent, original_len, chosen, generation).await {
+            let indices: Vec<usize> = set.iter().map(|&i| shards[i].index).collect();
+            tracing::info!(generation, shards = ?indices, "rebuilt from another shard set");
+            return Ok(bytes);
+        }
+    }
+    Err(Error::Recovery(format!(
+        "no set of {} of the {} shards fetched for generation {generation} decodes to an intact state ({spoiled})",
+        layout.data_shards,
+        shards.len()
+    )))
+}
+
+/// How many sets of k shards a rebuild tries once the first decoded state failed its checksums.
+const MAX_SHARD_SETS: usize = 64;
+
+/// Fetches the shards with indices in `indices` and keeps those that fit this rank, this
+/// generation, the layout and the length the first one gave.
+async fn fetch_wave(
+    agent: &Arc<Agent>,
+    owner: u32,
+    generation: u64,
+    indices: std::ops::Range<usize>,
+    shards: &mut Vec<Shard>,
+    original_len: &mut Option<u64>,
+) {
+    let layout = agent.cfg.layout;
+    let fetches = indices.map(|i| fetch_shard(agent, owner, generation, i));
+    for (header, data) in join_all(fetches).await.into_iter().flatten() {
+        let fits = header.owner == owner
+            && header.generation == generation
+            && header.data_shards as usize == layout.data_shards
+            && header.parity_shards as usize == layout.parity_shards
+            && original_len.is_none_or(|l| l == header.original_len);
+        // The digest is checked by `codec::decode` (remote shards also on receipt).
+        if fits {
+            *original_len = Some(header.original_len);
+            shards.push(Shard {
+                index: header.index as usize,
+                checksum: header.checksum,
+                data,
+            });
+        }
+    }
+}
+
+/// Decodes `shards` off the async threads and checks the result: its manifest, every part's
+/// checksum and its generation.
+async fn decode_verified(
+    agent: &Arc<Agent>,
+    original_len: u64,
+    shards: Vec<Shard>,
+    generation: u64,
+) -> Result<Bytes> {
+    let (layout, stripe) = (agent.cfg.layout, agent.cfg.stripe);
+    let bytes = blocking("decoder", move || -> Result<Vec<u8>> {
+        let bytes = codec::decode(layout, original_len as usize, &shards, stripe)?;
+        manifest::verify(&bytes)?;
+        Ok(bytes)
     })
     .await??;
     let manifest = manifest::peek(&bytes)?;
@@ -194,6 +266,24 @@ async fn rebuild_from_peers(agent: &Arc<Agent>, generation: u64) -> Result<Bytes
         )));
     }
     Ok(Bytes::from(bytes))
+}
+
+/// Every set of `k` of the positions `0..n`, in lexicographic order.
+fn shard_sets(n: usize, k: usize) -> impl Iterator<Item = Vec<usize>> {
+    let mut next = (k <= n).then(|| (0..k).collect::<Vec<usize>>());
+    std::iter::from_fn(move || {
+        let current = next.take()?;
+        let mut following = current.clone();
+        // The rightmost position that can still move right, then everything after it packed.
+        if let Some(i) = (0..k).rev().find(|&i| following[i] < n - k + i) {
+            following[i] += 1;
+            for j in i + 1..k {
+                following[j] = following[j - 1] + 1;
+            }
+            next = Some(following);
+        }
+        Some(current)
+    })
 }
 
 async fn fetch_shard(
@@ -219,4 +309,28 @@ async fn fetch_shard(
         }
     };
     (header.index as usize == index).then_some((header, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_sets;
+
+    #[test]
+    fn shard_sets_are_every_combination_once() {
+        let sets: Vec<Vec<usize>> = shard_sets(4, 2).collect();
+        assert_eq!(
+            sets,
+            vec![
+                vec![0, 1],
+                vec![0, 2],
+                vec![0, 3],
+                vec![1, 2],
+                vec![1, 3],
+                vec![2, 3]
+            ]
+        );
+        assert_eq!(shard_sets(5, 5).count(), 1);
+        assert_eq!(shard_sets(2, 3).count(), 0);
+        assert_eq!(shard_sets(6, 3).count(), 20);
+    }
 }
