@@ -533,6 +533,8 @@ fn apiserver_args(pki: &Pki, etcd_port: u16, address: IpAddr, api_port: u16) -> 
         // and not checked).
         format!("--kubelet-client-certificate={}", pki.admin_cert.display()),
         format!("--kubelet-client-key={}", pki.admin_key.display()),
+        // The node's name is not in any DNS the API server asks; its InternalIP is.
+        "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
         "--profiling=false".into(),
         "--v=1".into(),
     ]

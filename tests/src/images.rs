@@ -55,8 +55,8 @@ impl Images {
     }
 }
 
-/// Builds the binaries (`cargo build`, same profile and target dir as the running test, so
-/// usually nothing is left to compile) and the images (`scripts/build-images.sh`, which skips
+/// Builds the binaries (`cargo test --workspace --no-run`, same profile and target dir as the
+/// running test, so under `scripts/test` nothing is left to compile) and the images (`scripts/build-images.sh`, which skips
 /// images whose inputs did not change). Returns the OCI archives: the sandbox image first,
 /// then operator, worker and probe. Blocking.
 pub(crate) fn build() -> Result<Vec<PathBuf>> {
@@ -85,30 +85,32 @@ pub(crate) fn build() -> Result<Vec<PathBuf>> {
 }
 
 /// The binaries the images hold, compiled by cargo into the running test's profile folder.
+///
+/// `cargo test --workspace --no-run`, the build `scripts/test` makes before it runs any test:
+/// it builds every package's binaries (their integration tests need them) with the features
+/// of that build, so under `scripts/test` nothing is left to compile. A narrower build
+/// (`cargo build -p ...`) resolves other features for shared dependencies, and cargo then
+/// recompiles them both ways on every run.
 fn cargo_build() -> Result<PathBuf> {
     let (target_dir, profile_dir) = build_dirs()?;
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev".to_string(),
-        Some(other) => other.to_string(),
-        None => "dev".to_string(),
-    };
+    let mut args = vec!["test", "--workspace", "--no-run"];
+    let profile = profile_dir.file_name().and_then(|n| n.to_str());
+    match profile {
+        Some("debug") | None => {}
+        Some("release") => args.push("--release"),
+        Some(other) => args.extend(["--profile", other]),
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let args = [
-        "build",
-        "--profile",
-        &profile,
-        "--bins",
-        "-p",
-        "petl-operator",
-        "-p",
-        "petl-trainer",
-        "-p",
-        "petl-snapshot",
-        "-p",
-        "petl-tests",
-    ];
+    // Only the environment a shell gives cargo: what cargo sets for a running test
+    // (`CARGO_PKG_*`, `LD_LIBRARY_PATH`, ...) would make build scripts that watch the
+    // environment (ring's, through `cc`) run again, and everything above them recompile.
     let status = Command::new(&cargo)
-        .args(args)
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(name, _)| {
+            name.to_str()
+                .is_some_and(|name| SHELL_ENV.contains(&name) || name.starts_with("RUSTUP_"))
+        }))
+        .args(&args)
         .arg("--target-dir")
         .arg(&target_dir)
         .arg("--manifest-path")
@@ -124,6 +126,29 @@ fn cargo_build() -> Result<PathBuf> {
     }
     Ok(profile_dir)
 }
+
+/// The variables the nested cargo keeps (besides `RUSTUP_*`).
+const SHELL_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "TERM",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "CARGO_HOME",
+    "CARGO_TARGET_DIR",
+    "CARGO_TERM_COLOR",
+    "CARGO_BUILD_JOBS",
+    "RUSTC",
+    "RUSTC_WRAPPER",
+    "RUSTFLAGS",
+    "CC",
+    "CFLAGS",
+    "PETL_CACHE",
+];
 
 /// (target dir, profile dir) of the running executable: `target/debug/deps/test-HASH` for a
 /// test, `target/debug/petl-dev-cluster` for the dev cluster.

@@ -12,6 +12,7 @@ pub mod error;
 pub mod images;
 pub mod node;
 mod pki;
+mod pod_discovery;
 pub mod pod_status;
 pub mod pods;
 mod process;

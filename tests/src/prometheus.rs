@@ -28,6 +28,8 @@ pub struct Sample {
 /// A running Prometheus; killed, and its storage removed, on drop.
 pub struct Prometheus {
     process: Supervised,
+    /// Writes the pods `file_sd_configs` reads (see [`crate::pod_discovery`]); aborted on drop.
+    discovery: Option<tokio::task::JoinHandle<()>>,
     _spawner: Spawner,
     port: u16,
     http: reqwest::Client,
@@ -45,28 +47,41 @@ impl Prometheus {
                 "targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
             }],
         });
-        Self::start_with(vec![scrape]).await
+        Self::start_with(new_dir()?, vec![scrape]).await
     }
 
-    /// Starts Prometheus discovering pods through the API server of `kubeconfig` (Kubernetes
-    /// service discovery, as an in-cluster Prometheus does) and scraping what each
-    /// [`PodScrape`] selects, every second. Every series carries `namespace`, `pod` and
-    /// `container` labels. Pod IPs must be reachable from this machine (the local node's are).
+    /// Starts Prometheus scraping, every second, what each [`PodScrape`] selects among the pods
+    /// of the API server of `kubeconfig`, found as Kubernetes service discovery finds them
+    /// ([`crate::pod_discovery`] stands in for it: Debian's build lacks it). Every series
+    /// carries `namespace`, `pod` and `container` labels. Pod IPs must be reachable from this
+    /// machine (the local node's are).
     pub async fn start_pods(kubeconfig: &Path, scrapes: &[PodScrape]) -> Result<Self> {
-        Self::start_with(scrapes.iter().map(|s| s.config(kubeconfig)).collect()).await
+        let client = crate::pod_discovery::client(kubeconfig).await?;
+        let dir = new_dir()?;
+        let namespaces: Vec<String> = if scrapes.iter().any(|s| s.namespaces.is_empty()) {
+            Vec::new()
+        } else {
+            let mut all: Vec<String> = scrapes.iter().flat_map(|s| s.namespaces.clone()).collect();
+            all.sort();
+            all.dedup();
+            all
+        };
+        let targets = dir.path().join("pods.json");
+        std::fs::write(&targets, "[]").context(|| format!("writing {}", targets.display()))?;
+        let discovery = crate::pod_discovery::spawn(client, namespaces, targets.clone());
+        let configs = scrapes.iter().map(|s| s.config(&targets)).collect();
+        let mut prometheus = Self::start_with(dir, configs).await?;
+        prometheus.discovery = Some(discovery);
+        Ok(prometheus)
     }
 
-    async fn start_with(scrape_configs: Vec<serde_json::Value>) -> Result<Self> {
+    async fn start_with(dir: TempDir, scrape_configs: Vec<serde_json::Value>) -> Result<Self> {
         let binary = tokio::task::spawn_blocking(ensure_binary)
             .await
             .map_err(|e| Error::Io {
                 what: "installing prometheus".into(),
                 source: std::io::Error::other(e),
             })??;
-        let dir = tempfile::Builder::new()
-            .prefix("petl-prometheus-")
-            .tempdir()
-            .context(|| "creating a temp dir for prometheus".to_string())?;
         let config = dir.path().join("prometheus.yml");
         std::fs::write(&config, config_yaml(scrape_configs))
             .context(|| format!("writing {}", config.display()))?;
@@ -86,6 +101,7 @@ impl Prometheus {
         )?;
         let mut prometheus = Self {
             process,
+            discovery: None,
             _spawner: spawner,
             port,
             http: reqwest::Client::builder()
@@ -202,6 +218,21 @@ impl Prometheus {
     }
 }
 
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(discovery) = &self.discovery {
+            discovery.abort();
+        }
+    }
+}
+
+fn new_dir() -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix("petl-prometheus-")
+        .tempdir()
+        .context(|| "creating a temp dir for prometheus".to_string())
+}
+
 fn config_yaml(scrape_configs: Vec<serde_json::Value>) -> String {
     let config = serde_json::json!({
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -224,12 +255,17 @@ pub struct PodScrape {
 }
 
 impl PodScrape {
-    fn config(&self, kubeconfig: &Path) -> serde_json::Value {
-        let mut sd = serde_json::json!({"role": "pod", "kubeconfig_file": kubeconfig});
-        if !self.namespaces.is_empty() {
-            sd["namespaces"] = serde_json::json!({"names": self.namespaces});
-        }
+    /// The scrape job over the pods listed in `targets` (a `file_sd_configs` file).
+    fn config(&self, targets: &Path) -> serde_json::Value {
         let mut relabel = Vec::new();
+        if !self.namespaces.is_empty() {
+            let names: Vec<String> = self.namespaces.iter().map(|n| regex_escape(n)).collect();
+            relabel.push(serde_json::json!({
+                "action": "keep",
+                "source_labels": ["__meta_kubernetes_namespace"],
+                "regex": names.join("|"),
+            }));
+        }
         for (name, value) in &self.match_labels {
             relabel.push(serde_json::json!({
                 "action": "keep",
@@ -266,14 +302,14 @@ impl PodScrape {
         }
         serde_json::json!({
             "job_name": self.job,
-            "kubernetes_sd_configs": [sd],
+            "file_sd_configs": [{"files": [targets], "refresh_interval": "1s"}],
             "relabel_configs": relabel,
         })
     }
 }
 
 /// A Kubernetes label name as Prometheus' discovery spells it in meta labels.
-fn label_name(name: &str) -> String {
+pub(crate) fn label_name(name: &str) -> String {
     name.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()

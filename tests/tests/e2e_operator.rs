@@ -24,7 +24,6 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 const POLL: Duration = Duration::from_millis(500);
 
 #[tokio::test]
-#[ignore = "needs a real node whose pods start (see node_smoke), run as root; not yet run"]
 async fn helm_installs_upgrades_and_uninstalls_the_operator_which_elects_one_leader() {
     let cluster = Cluster::start()
         .await

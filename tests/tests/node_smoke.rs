@@ -21,7 +21,6 @@ const POD_TIMEOUT: Duration = Duration::from_secs(180);
 /// One cluster for every check: a node takes tens of seconds to start and one runs per machine
 /// at a time. Each check is its own function, in its own namespace.
 #[tokio::test]
-#[ignore = "ran once: the node turns Ready, but no pod sandbox starts: containerd, PID 1 of its own PID namespace with the host's /proc, cannot create network namespaces (failed to Statfs /proc/1/task/N/ns/net)"]
 async fn a_real_node_runs_petl_images_wires_pods_together_and_cleans_up() {
     let started = Instant::now();
     let cluster = match Cluster::start().await {

@@ -109,8 +109,10 @@ disabled_plugins = [
     )
 }
 
-/// Starts containerd as PID 1 of a new PID namespace in a new private mount namespace:
-/// `unshare --kill-child` ties it to the harness (which gives `unshare` a parent-death
+/// Starts containerd as PID 1 of a new PID namespace in a new private mount namespace with
+/// its own `/proc` (`--mount-proc`: containerd names a sandbox's network namespace
+/// `/proc/<its pid>/task/<tid>/ns/net`, and its pid is 1 in there, so the host's `/proc` would
+/// point it at the host's init). `unshare --kill-child` ties it to the harness (which gives `unshare` a parent-death
 /// signal), and when it dies the kernel kills every shim and container in its PID namespace,
 /// and the mount namespace — overlay roots, network namespace mounts, the kubelet's volume
 /// mounts (the kubelet joins this namespace) — goes with the last of them.
@@ -146,6 +148,7 @@ pub(crate) fn spawn(
         "private",
         "--pid",
         "--fork",
+        "--mount-proc",
         "--kill-child",
         "--",
         "sh",

@@ -80,8 +80,10 @@ impl KubeletSetup<'_> {
     }
 }
 
-/// Starts the kubelet in the runtime's mount namespace (`nsenter --mount`): the volumes it
-/// mounts for pods must be visible to containerd, and vanish with that namespace.
+/// Starts the kubelet in the runtime's mount and PID namespaces (`nsenter --mount --pid`, which
+/// forks the kubelet into them): the volumes it mounts for pods must be visible to containerd
+/// and vanish with that namespace, and that namespace's `/proc` only describes its own PID
+/// namespace (the kubelet reads `/proc/self`). It dies with containerd, PID 1 there.
 pub(crate) fn spawn(
     spawner: &Spawner,
     binaries: &NodeBinaries,
@@ -101,6 +103,7 @@ pub(crate) fn spawn(
     }
     let args = vec![
         format!("--mount=/proc/{runtime_pid}/ns/mnt"),
+        format!("--pid=/proc/{runtime_pid}/ns/pid"),
         "--".into(),
         binaries.kubelet.display().to_string(),
         format!("--config={}", config_path.display()),
