@@ -30,7 +30,19 @@ pub struct WorkerReport {
     pub recoveries: i64,
 }
 
-/// Parses the trainer container's termination message (the published artifact, as JSON).
-pub fn artifact_from_termination_message(message: &str) -> Option<ArtifactStatus> {
+/// What rank 0's trainer writes as its container's termination message when it succeeds: the
+/// artifact it published and its final report. A job can finish between two polls of
+/// [`REPORT_PATH`]; the final report still brings the last progress, snapshot and recovery
+/// (with its tier) into the status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TerminationMessage {
+    pub artifact: ArtifactStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<WorkerReport>,
+}
+
+/// Parses the trainer container's termination message.
+pub fn from_termination_message(message: &str) -> Option<TerminationMessage> {
     serde_json::from_str(message.trim()).ok()
 }

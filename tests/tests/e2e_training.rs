@@ -31,7 +31,6 @@ const ASSETS_CLAIM: &str = "petl-assets";
 const OUTPUT_CLAIM: &str = "petl-outputs";
 
 #[tokio::test]
-#[ignore = "needs a real node whose pods start (see node_smoke), run as root; not yet run"]
 async fn a_job_trains_publishes_its_adapter_and_recovers_from_lost_pods_and_trainers() {
     let assets = e2e::assets_dir();
     assert!(
@@ -388,7 +387,7 @@ impl Run<'_> {
                 "{path}"
             );
             assert_eq!(
-                e2e::number(file, &["size"]),
+                e2e::number(file, &["sizeBytes"]),
                 Some(bytes.len() as i64),
                 "{path}"
             );

@@ -1070,11 +1070,12 @@ fn rank_zeros_report_and_artifact_reach_the_status() {
             "{table}"
         );
 
-        // Success: rank 0's termination message is the published artifact.
-        let artifact = json!({
+        // Success: rank 0's termination message holds the published artifact (and its final
+        // report, absent here: the polled one stands).
+        let artifact = json!({"artifact": {
             "uri": "file:///tmp/petl-out", "digest": format!("sha256:{}", "ab".repeat(32)),
             "sizeBytes": 4096, "trainableParameters": 1234, "peakMemoryBytes": 99
-        });
+        }});
         scene
             .set_pod(
                 "rep-worker-0",

@@ -229,7 +229,8 @@ pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
             let artifact = publish(spec, options, &sources, &trained, &run_metrics, &uri, &dir)?;
             tracing::info!(uri = %artifact.uri, digest = %artifact.digest, "adapter published");
             if let Some(path) = &options.termination_log {
-                write_termination_message(path, &artifact);
+                let report = metrics.report.lock().ok().map(|r| r.clone());
+                write_termination_message(path, &artifact, report);
             }
             Some((artifact, dir))
         }
@@ -248,17 +249,23 @@ pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
     })
 }
 
-/// Writes the artifact as the crds' `ArtifactStatus` JSON to `path`, for the operator to read
-/// from the pod's status. A failure is logged: the adapter is already published.
-fn write_termination_message(path: &Path, artifact: &Artifact) {
-    let status = petl_crds::ArtifactStatus {
+/// Writes the artifact and the final report as the crds' `TerminationMessage` JSON to `path`,
+/// for the operator to read from the pod's status. A failure is logged: the adapter is already
+/// published.
+fn write_termination_message(
+    path: &Path,
+    artifact: &Artifact,
+    report: Option<petl_crds::report::WorkerReport>,
+) {
+    let artifact = petl_crds::ArtifactStatus {
         uri: artifact.uri.clone(),
         digest: artifact.digest.clone(),
         size_bytes: i64::try_from(artifact.size_bytes).unwrap_or(i64::MAX),
         trainable_parameters: i64::try_from(artifact.trainable_parameters).ok(),
         peak_memory_bytes: i64::try_from(artifact.peak_memory_bytes).ok(),
     };
-    let json = serde_json::to_string(&status).unwrap_or_default();
+    let message = petl_crds::report::TerminationMessage { artifact, report };
+    let json = serde_json::to_string(&message).unwrap_or_default();
     match std::fs::write(path, json) {
         Ok(()) => {
             tracing::info!(path = %path.display(), "artifact written as the termination message")

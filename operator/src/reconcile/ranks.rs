@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::ResourceExt;
 use petl_crds::ArtifactStatus;
-use petl_crds::report::{METRICS_PORT_NAME, artifact_from_termination_message};
+use petl_crds::report::{
+    METRICS_PORT_NAME, TerminationMessage, WorkerReport, from_termination_message,
+};
 
 /// Label carrying the PetlJob name on every child.
 pub const JOB_LABEL: &str = "petl.dev/job";
@@ -105,6 +107,8 @@ pub struct RankPod {
     pub blocked: Option<Blocked>,
     /// What the trainer published, from its termination message after exiting 0.
     pub artifact: Option<ArtifactStatus>,
+    /// The trainer's final report, from the same termination message.
+    pub final_report: Option<WorkerReport>,
     /// Where the trainer serves its report (pod IP and the `metrics` port), once it has an IP.
     pub report_addr: Option<SocketAddr>,
 }
@@ -128,6 +132,10 @@ impl RankPod {
             _ => PodState::Active { ready },
         };
         let trainer = container_status(pod, TRAINER_CONTAINER);
+        let (artifact, final_report) = match trainer.and_then(termination_message) {
+            Some(m) => (Some(m.artifact), m.report),
+            None => (None, None),
+        };
         Some(Self {
             rank,
             name: pod.name_any(),
@@ -144,7 +152,8 @@ impl RankPod {
             blocked: (state == PodState::Active { ready: false })
                 .then(|| blocked(pod))
                 .flatten(),
-            artifact: trainer.and_then(artifact),
+            artifact,
+            final_report,
             report_addr: report_addr(pod),
         })
     }
@@ -232,13 +241,13 @@ fn blocked(pod: &Pod) -> Option<Blocked> {
     })
 }
 
-/// The artifact in the trainer's termination message, once it exited 0.
-fn artifact(status: &ContainerStatus) -> Option<ArtifactStatus> {
+/// The trainer's termination message (artifact and final report), once it exited 0.
+fn termination_message(status: &ContainerStatus) -> Option<TerminationMessage> {
     let terminated = status.state.as_ref()?.terminated.as_ref()?;
     if terminated.exit_code != 0 {
         return None;
     }
-    artifact_from_termination_message(terminated.message.as_deref()?)
+    from_termination_message(terminated.message.as_deref()?)
 }
 
 /// The pod IP and the trainer's `metrics` port.

@@ -2,6 +2,7 @@
 //! committed snapshot, the tier of the last recovery) and, at the end, the published artifact.
 
 use kube::runtime::events::EventType;
+use petl_crds::report::WorkerReport;
 use petl_crds::{ConditionType, LastRecovery, SnapshotStatus};
 
 use super::{Observed, Plan, time};
@@ -10,9 +11,12 @@ use crate::reconcile::ranks::PodState;
 
 /// Copy rank 0's latest report into the status.
 pub(super) fn fold(o: &Observed, p: &mut Plan) {
-    let Some(report) = o.report else {
-        return;
-    };
+    if let Some(report) = o.report {
+        fold_report(o, p, report);
+    }
+}
+
+fn fold_report(o: &Observed, p: &mut Plan, report: &WorkerReport) {
     let mut progress = report.progress.clone();
     progress.refresh_summary();
     p.status.progress = Some(progress);
@@ -78,10 +82,19 @@ fn recovery(p: &mut Plan, theirs: &LastRecovery) {
     }
 }
 
-/// Every rank exited 0: record what rank 0 published (its termination message) and set
-/// ArtifactPublished, or say that nothing was reported.
+/// Every rank exited 0: fold rank 0's final report (a job can end between two polls), record
+/// what it published (its termination message) and set ArtifactPublished, or say that nothing
+/// was reported.
 pub(super) fn publish_artifact(o: &Observed, p: &mut Plan) {
     let (observed, now) = (o.generation, time(o.now));
+    let last_words = o
+        .pods
+        .iter()
+        .filter(|pod| pod.rank == 0 && pod.state == PodState::Succeeded)
+        .find_map(|pod| pod.final_report.as_ref());
+    if let Some(report) = last_words {
+        fold_report(o, p, report);
+    }
     let artifact = o
         .pods
         .iter()

@@ -123,6 +123,7 @@ fn rank_pod(rank: i32, state: PodState) -> RankPod {
             .into(),
         blocked: None,
         artifact: None,
+        final_report: None,
         report_addr: None,
     }
 }
@@ -627,6 +628,42 @@ fn success_records_the_artifact_rank_zero_published() {
     );
     assert!(World::reasons(&p).contains(&"ArtifactPublished"));
     assert_eq!(w.status.phase, Some(Phase::Succeeded));
+}
+
+#[test]
+fn a_job_that_ends_between_two_polls_still_gets_its_final_progress_and_recovery_tier() {
+    let mut w = World::new(2);
+    w.step();
+    w.step();
+    w.report = Some(report(10, 10, 2));
+    w.step();
+    w.set(1, PodState::Failed, Some(137), &[]);
+    w.step();
+    assert_eq!(w.status.last_recovery.as_ref().unwrap().source, None);
+    // The job finishes before the next poll: only the termination message tells the end.
+    w.report = None;
+    let mut last_words = report(50, 49, 2);
+    last_words.last_recovery = Some(LastRecovery {
+        lost_ranks: vec![1],
+        restored_generation: 10,
+        seconds: 1.25,
+        source: Some("peers".into()),
+        finished_at: None,
+    });
+    w.set(0, PodState::Succeeded, Some(0), &[]);
+    w.pod(0).final_report = Some(last_words);
+    w.set(1, PodState::Succeeded, Some(0), &[]);
+    w.step();
+    assert_eq!(w.status.phase, Some(Phase::Succeeded));
+    let progress = w.status.progress.clone().unwrap();
+    assert_eq!((progress.step, progress.total_steps), (50, 50));
+    let record = w.status.last_recovery.clone().unwrap();
+    assert_eq!(record.source.as_deref(), Some("peers"));
+    assert_eq!(
+        (record.lost_ranks, record.restored_generation),
+        (vec![1], 10)
+    );
+    assert_eq!(w.status.snapshot.as_ref().unwrap().generation, 49);
 }
 
 #[test]
