@@ -99,6 +99,21 @@ pub fn print_table(setup: &Setup, results: &[Measured]) {
             );
         }
     }
+    // The linear probe is the floor: a method no more accurate than it learned nothing from tuning.
+    if let Some(probe) = find("ours", "head") {
+        println!(
+            "accuracy above our linear probe (head, {:.3}):",
+            probe.valid_accuracy
+        );
+        for m in results.iter().filter(|m| m.method != "head") {
+            println!(
+                "  {:<8} {:<7} {:+.3}",
+                m.side,
+                m.method,
+                m.valid_accuracy - probe.valid_accuracy
+            );
+        }
+    }
     if results.iter().any(|m| m.phase_seconds.is_some()) {
         println!("step parts (--phases), seconds: forward+loss / backward / optimiser+clip");
         for m in results {
