@@ -96,7 +96,7 @@ impl HeadInfo {
 /// [`HEAD_FILE`]; any other tensor is saved whole under its checkpoint name.
 #[derive(Debug, Clone)]
 pub struct Adapter {
-    /// `full`, `lora`, `bitfit` or `lst`.
+    /// `full`, `lora`, `bitfit`, `lst` or `head`.
     pub method: String,
     pub tensors: Vec<(String, Tensor)>,
     pub lora: Option<LoraSettings>,
