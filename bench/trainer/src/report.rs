@@ -89,7 +89,7 @@ pub fn print_table(setup: &Setup, results: &[Measured]) {
             .find(|m| m.side == side && m.method == method)
     };
     println!("ours / PyTorch+PEFT, same method:");
-    for method in ["full", "lora"] {
+    for method in ["full", "lora", "head"] {
         if let (Some(o), Some(p)) = (find("ours", method), find("pytorch", method)) {
             println!(
                 "  {method:<6} peak RSS {:.2}×   step time {:.2}×   accuracy {:+.3}",
