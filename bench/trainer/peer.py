@@ -8,7 +8,7 @@ loaded, free heap is returned to the kernel (malloc_trim), the resident set VmRS
 the high-water mark VmHWM is reset (/proc/self/clear_refs); the peak training memory is VmHWM
 after the last step minus that resident set.
 
-usage: peer.py --data batches.json --model DIR --method full|lora --lr F --threads N
+usage: peer.py --data batches.json --model DIR --method full|lora|head --lr F --threads N
                [--rank 8 --alpha 16]
 """
 import argparse
@@ -41,7 +41,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--method", choices=["full", "lora"], required=True)
+    ap.add_argument("--method", choices=["full", "lora", "head"], required=True)
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
@@ -98,6 +98,9 @@ def main():
         lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                           target_modules=["query", "value"], bias="none")
         backbone = get_peft_model(backbone, lora)
+    elif args.method == "head":
+        # The linear probe: the backbone is frozen, only the classifier trains.
+        backbone.requires_grad_(False)
     model = Classifier(backbone)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

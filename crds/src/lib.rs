@@ -16,7 +16,8 @@ pub mod workers;
 
 pub use job::{API_GROUP, API_VERSION, KIND, PetlJob, PetlJobSpec};
 pub use method::{
-    BitFitConfig, FullConfig, LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType,
+    BitFitConfig, FullConfig, HeadConfig, LoraConfig, LstConfig, MethodConfig, MethodSpec,
+    MethodType,
 };
 pub use output::{OutputFormat, OutputSpec};
 pub use report::WorkerReport;

@@ -18,11 +18,13 @@ use crate::rules::rule;
     validation = rule("!has(self.lora) || self.type == 'lora'", "spec.method.lora may only be set when spec.method.type is lora; remove it or set type: lora"),
     validation = rule("!has(self.bitfit) || self.type == 'bitfit'", "spec.method.bitfit may only be set when spec.method.type is bitfit; remove it or set type: bitfit"),
     validation = rule("!has(self.lst) || self.type == 'lst'", "spec.method.lst may only be set when spec.method.type is lst; remove it or set type: lst"),
+    validation = rule("!has(self.head) || self.type == 'head'", "spec.method.head may only be set when spec.method.type is head; remove it or set type: head"),
 )]
 pub struct MethodSpec {
-    /// The method: full (all parameters), lora (low-rank adapters), bitfit (biases only) or lst
+    /// The method: full (all parameters), lora (low-rank adapters), bitfit (biases only), lst
     /// (ladder side tuning: a small side network reads the frozen backbone's hidden states, so
-    /// backward never touches the backbone).
+    /// backward never touches the backbone) or head (a linear probe: only the classification head
+    /// trains, on the frozen backbone's pooled output; the floor every other method must beat).
     #[serde(rename = "type")]
     pub type_: MethodType,
     /// Settings for type: full.
@@ -37,6 +39,9 @@ pub struct MethodSpec {
     /// Settings for type: lst.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lst: Option<LstConfig>,
+    /// Settings for type: head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadConfig>,
 }
 
 /// The method names accepted in `spec.method.type`.
@@ -51,6 +56,8 @@ pub enum MethodType {
     Bitfit,
     /// Ladder side tuning.
     Lst,
+    /// The classification head alone on the frozen backbone (a linear probe).
+    Head,
 }
 
 impl MethodType {
@@ -61,6 +68,7 @@ impl MethodType {
             MethodType::Lora => "lora",
             MethodType::Bitfit => "bitfit",
             MethodType::Lst => "lst",
+            MethodType::Head => "head",
         }
     }
 }
@@ -80,6 +88,11 @@ pub struct FullConfig {}
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct BitFitConfig {}
+
+/// The linear probe has no settings; the block exists so every method has one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadConfig {}
 
 /// LoRA: W' = W + (alpha / rank) · B·A on each target module, A and B trained.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -178,6 +191,8 @@ pub enum MethodConfig {
     Bitfit(BitFitConfig),
     /// Ladder side tuning.
     Lst(LstConfig),
+    /// The classification head alone (a linear probe).
+    Head(HeadConfig),
 }
 
 impl MethodSpec {
@@ -188,6 +203,7 @@ impl MethodSpec {
             MethodType::Lora => MethodConfig::Lora(self.lora.clone().unwrap_or_default()),
             MethodType::Bitfit => MethodConfig::Bitfit(self.bitfit.clone().unwrap_or_default()),
             MethodType::Lst => MethodConfig::Lst(self.lst.clone().unwrap_or_default()),
+            MethodType::Head => MethodConfig::Head(self.head.clone().unwrap_or_default()),
         }
     }
 
@@ -199,6 +215,7 @@ impl MethodSpec {
             lora: None,
             bitfit: None,
             lst: None,
+            head: None,
         }
     }
 }

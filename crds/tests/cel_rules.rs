@@ -81,6 +81,13 @@ fn cross_field_rules_catch_their_case() {
         "spec.method.lst may only be set when spec.method.type is lst",
     );
     assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["method"] = json!({"type": "lora", "head": {}})
+        }),
+        None,
+        "spec.method.head may only be set when spec.method.type is head",
+    );
+    assert_refused(
         edit(valid(), |v| v["spec"]["training"]["epochs"] = json!(2)),
         None,
         "exactly one of epochs or maxSteps",

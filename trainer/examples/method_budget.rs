@@ -162,6 +162,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = match method_name.as_str() {
         "full" => MethodConfig::Full(Default::default()),
         "bitfit" => MethodConfig::Bitfit(Default::default()),
+        "head" => MethodConfig::Head(Default::default()),
         "lora" => MethodConfig::Lora(LoraConfig {
             rank: knob,
             ..Default::default()

@@ -1,5 +1,12 @@
 //! Writes a trained adapter as safetensors (the PEFT layout for LoRA) and reads one back.
-//! Files: `adapter_config.json` and `adapter_model.safetensors`; the manifest comes last (see `manifest`).
+//! Files: `adapter_config.json`, `adapter_model.safetensors` (what changes in or beside the backbone)
+//! and, for classification, `head.safetensors` (the head petl puts on top); the manifest comes last.
+//!
+//! The head is kept out of the PEFT file on purpose: petl's head is mean pooling over real tokens
+//! and a linear layer, which no Hugging Face `*ForSequenceClassification` class computes (BERT's
+//! puts its classifier after the [CLS] pooler). So the PEFT file says what it truly is, a
+//! `FEATURE_EXTRACTION` adapter of the base `AutoModel`, and the head is applied to its output
+//! (docs/trainer.md, "Loading an adapter in PyTorch"; bench/peft-check proves the logits agree).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +20,12 @@ use crate::{Error, Result};
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The configuration file of every adapter (PEFT's name).
 pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The classification head of a sequence-classification adapter: `classifier.weight`
+/// `(num_labels, width)` and `classifier.bias`, applied to the mean of the last hidden state over
+/// real tokens.
+pub const HEAD_FILE: &str = "head.safetensors";
+/// Tensors under this prefix are the classification head.
+const HEAD_PREFIX: &str = "classifier.";
 /// PEFT stores a model's tensors under this prefix.
 const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -35,20 +48,62 @@ pub struct LoraSettings {
     pub target_modules: Vec<String>,
 }
 
+/// What an adapter was trained for: decides PEFT's `task_type` and whether there is a head file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterTask {
+    /// Mean pooling over real tokens, then `classifier` (in [`HEAD_FILE`]).
+    SequenceClassification,
+    /// Next-token prediction with the backbone's own output layer; no head of petl's.
+    CausalLm,
+}
+
+impl AdapterTask {
+    /// PEFT's `task_type` for the adapter file. A classification adapter's PEFT part is a
+    /// feature extractor: it loads onto `AutoModel`, and the head is applied to its output.
+    pub fn peft_task_type(self) -> &'static str {
+        match self {
+            Self::SequenceClassification => "FEATURE_EXTRACTION",
+            Self::CausalLm => "CAUSAL_LM",
+        }
+    }
+}
+
+/// How the head in [`HEAD_FILE`] reads the backbone, recorded as `petl_head` in the config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadInfo {
+    /// `mean`: the last hidden state averaged over the positions where `attention_mask` is 1.
+    pub pooling: String,
+    /// The file holding `classifier.weight` and `classifier.bias`.
+    pub weights: String,
+    /// `logits = pooled · classifierᵀ + bias`, one logit per label in `dataset.labels` order.
+    pub formula: String,
+}
+
+impl HeadInfo {
+    fn mean_pooling() -> Self {
+        Self {
+            pooling: "mean".into(),
+            weights: HEAD_FILE.into(),
+            formula: "logits = mean(last_hidden_state[attention_mask == 1]) @ classifier.weight.T + classifier.bias".into(),
+        }
+    }
+}
+
 /// A trained adapter ready to write: the method's exportable tensors under the method's names.
 ///
 /// LoRA tensors are named `[base_model.model.]<module path>.lora_A.weight` / `…lora_B.weight`
-/// (A is `[r, in]`, B is `[out, r]`, as in PEFT); any other tensor (a task head) is saved whole.
+/// (A is `[r, in]`, B is `[out, r]`, as in PEFT); the head (`classifier.*`) goes to
+/// [`HEAD_FILE`]; any other tensor is saved whole under its checkpoint name.
 #[derive(Debug, Clone)]
 pub struct Adapter {
-    /// `full`, `lora`, `bitfit` or `lst`.
+    /// `full`, `lora`, `bitfit`, `lst` or `head`.
     pub method: String,
     pub tensors: Vec<(String, Tensor)>,
     pub lora: Option<LoraSettings>,
     /// The model URI, recorded as `base_model_name_or_path`.
     pub base_model: String,
-    /// PEFT's task type: `SEQ_CLS` or `CAUSAL_LM`.
-    pub task_type: String,
+    /// What it was trained for (decides PEFT's `task_type` and the head file).
+    pub task: AdapterTask,
     /// Method and training settings, kept verbatim in the config.
     pub hyperparameters: serde_json::Value,
 }
@@ -61,6 +116,9 @@ struct AdapterConfigFile {
     petl_method: String,
     petl_layout: String,
     task_type: String,
+    /// The head petl applies on top of the backbone (classification only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    petl_head: Option<HeadInfo>,
     base_model_name_or_path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     r: Option<usize>,
@@ -92,6 +150,8 @@ pub struct LoadedAdapter {
     pub lora: Option<LoraSettings>,
     pub base_model: String,
     pub task_type: String,
+    /// How the head reads the backbone, when the adapter has one.
+    pub head: Option<HeadInfo>,
 }
 
 /// Writes the adapter's config and weights into `dir`; returns the files written.
@@ -104,11 +164,19 @@ pub fn write_adapter(dir: &Path, adapter: &Adapter, format: AdapterFormat) -> Re
                 .into(),
         });
     }
+    let classification = adapter.task == AdapterTask::SequenceClassification;
     let mut tensors = HashMap::new();
+    let mut head = HashMap::new();
     let mut modules_to_save = Vec::new();
     for (name, tensor) in &adapter.tensors {
+        let module_path = canonical_name(name);
+        // Written from the CPU so files are identical whatever device trained them.
+        let tensor = tensor.to_device(&Device::Cpu)?;
+        if classification && module_path.starts_with(HEAD_PREFIX) {
+            head.insert(module_path.to_string(), tensor);
+            continue;
+        }
         let on_disk = if peft {
-            let module_path = canonical_name(name);
             if !is_lora_tensor(module_path)
                 && let Some((module, _)) = module_path.rsplit_once('.')
                 && !modules_to_save.iter().any(|m| m == module)
@@ -119,12 +187,18 @@ pub fn write_adapter(dir: &Path, adapter: &Adapter, format: AdapterFormat) -> Re
         } else {
             name.clone()
         };
-        // Written from the CPU so files are identical whatever device trained them.
-        tensors.insert(on_disk, tensor.to_device(&Device::Cpu)?);
+        tensors.insert(on_disk, tensor);
+    }
+    if classification && head.is_empty() {
+        return Err(Error::Internal(format!(
+            "a {} classification adapter has no {HEAD_PREFIX}* tensors to write to {HEAD_FILE}",
+            adapter.method
+        )));
     }
     let config = config_file(adapter, peft, modules_to_save);
     let config_path = dir.join(CONFIG_FILE);
     let weights_path = dir.join(WEIGHTS_FILE);
+    let head_path = dir.join(HEAD_FILE);
     let json = serde_json::to_vec_pretty(&config).map_err(|source| Error::Json {
         path: config_path.display().to_string(),
         source,
@@ -135,7 +209,14 @@ pub fn write_adapter(dir: &Path, adapter: &Adapter, format: AdapterFormat) -> Re
     write_atomically(&weights_path, |tmp| {
         candle_core::safetensors::save(&tensors, tmp).map_err(Error::from)
     })?;
-    Ok(vec![config_path, weights_path])
+    let mut files = vec![config_path, weights_path];
+    if classification {
+        write_atomically(&head_path, |tmp| {
+            candle_core::safetensors::save(&head, tmp).map_err(Error::from)
+        })?;
+        files.push(head_path);
+    }
+    Ok(files)
 }
 
 fn config_file(adapter: &Adapter, peft: bool, modules_to_save: Vec<String>) -> AdapterConfigFile {
@@ -144,7 +225,9 @@ fn config_file(adapter: &Adapter, peft: bool, modules_to_save: Vec<String>) -> A
         peft_type: lora.map(|_| "LORA".to_string()),
         petl_method: adapter.method.clone(),
         petl_layout: if peft { "peft" } else { "safetensors" }.to_string(),
-        task_type: adapter.task_type.clone(),
+        task_type: adapter.task.peft_task_type().to_string(),
+        petl_head: (adapter.task == AdapterTask::SequenceClassification)
+            .then(HeadInfo::mean_pooling),
         base_model_name_or_path: adapter.base_model.clone(),
         r: lora.map(|l| l.rank),
         lora_alpha: lora.map(|l| l.alpha),
@@ -219,6 +302,20 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
             tensor,
         );
     }
+    // The head file (petl's own names); older adapters kept the head in the weights file.
+    let head_path = dir.join(HEAD_FILE);
+    if head_path.exists() {
+        for (name, tensor) in candle_core::safetensors::load(&head_path, device)? {
+            if !name.starts_with(HEAD_PREFIX) {
+                return Err(weights_error(
+                    &head_path,
+                    &name,
+                    &format!("is not a head tensor ({HEAD_PREFIX}*)"),
+                ));
+            }
+            tensors.insert(name, tensor);
+        }
+    }
     let lora = match config.peft_type.as_deref() {
         Some("LORA") => Some(lora_settings(&config_path, &config)?),
         Some(other) => {
@@ -238,6 +335,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
         lora,
         base_model: config.base_model_name_or_path,
         task_type: config.task_type,
+        head: config.petl_head,
     })
 }
 
@@ -307,9 +405,13 @@ pub fn load_into(
     adapter: &LoadedAdapter,
     source: &Path,
 ) -> Result<()> {
-    let file = source.join(WEIGHTS_FILE);
     for (name, var) in parameters {
         let key = canonical_name(name);
+        let file = source.join(if key.starts_with(HEAD_PREFIX) {
+            HEAD_FILE
+        } else {
+            WEIGHTS_FILE
+        });
         let stored = adapter.tensors.get(key).ok_or_else(|| {
             weights_error(
                 &file,
@@ -370,7 +472,7 @@ mod tests {
                 target_modules: vec!["query".into()],
             }),
             base_model: "pypi://x==1/m".into(),
-            task_type: "SEQ_CLS".into(),
+            task: AdapterTask::SequenceClassification,
             hyperparameters: serde_json::json!({"rank": 4}),
         }
     }
@@ -385,16 +487,24 @@ mod tests {
         assert_eq!(config["r"], 4);
         assert_eq!(config["lora_alpha"], 8.0);
         assert_eq!(config["target_modules"], serde_json::json!(["query"]));
-        assert_eq!(config["modules_to_save"], serde_json::json!(["classifier"]));
+        // The PEFT file is a feature extractor of AutoModel; the head lives beside it.
+        assert_eq!(config["task_type"], "FEATURE_EXTRACTION");
+        assert!(config.get("modules_to_save").is_none(), "{config}");
+        assert_eq!(config["petl_head"]["pooling"], "mean");
+        assert_eq!(config["petl_head"]["weights"], HEAD_FILE);
         let raw =
             candle_core::safetensors::load(dir.path().join(WEIGHTS_FILE), &Device::Cpu).unwrap();
         assert!(
             raw.contains_key("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight")
         );
-        assert!(raw.contains_key("base_model.model.classifier.weight"));
+        assert_eq!(raw.len(), 2, "only LoRA tensors in the PEFT file");
+        let head =
+            candle_core::safetensors::load(dir.path().join(HEAD_FILE), &Device::Cpu).unwrap();
+        assert_eq!(head["classifier.weight"].dims(), &[2, 8]);
         let loaded = read_adapter(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(loaded.method, "lora");
         assert_eq!(loaded.lora.unwrap().rank, 4);
+        assert!(loaded.tensors.contains_key("classifier.weight"));
         assert!(
             loaded
                 .tensors

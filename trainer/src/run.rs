@@ -21,7 +21,7 @@ use petl_crds::{DatasetFormat, MethodType, OutputFormat, PetlJobSpec};
 
 use crate::data::{DataConfig, Dataset, Format, Task, UnknownLabels, Validation};
 use crate::device::DeviceChoice;
-use crate::export::{Adapter, AdapterFormat, write_adapter};
+use crate::export::{Adapter, AdapterFormat, AdapterTask, write_adapter};
 use crate::manifest::{Artifact, BaseModel, Manifest, Metrics, file_entries, sha256_file};
 use crate::metrics::TrainerMetrics;
 use crate::progress::Display;
@@ -310,11 +310,10 @@ fn publish(
         tensors: trained.tensors.clone(),
         lora: trained.lora.clone(),
         base_model: spec.model.uri.clone(),
-        task_type: match sources.data.task {
-            Task::SequenceClassification => "SEQ_CLS",
-            Task::CausalLm => "CAUSAL_LM",
-        }
-        .to_string(),
+        task: match sources.data.task {
+            Task::SequenceClassification => AdapterTask::SequenceClassification,
+            Task::CausalLm => AdapterTask::CausalLm,
+        },
         hyperparameters: hyperparameters.clone(),
     };
     let format = match spec.output.resolved_format(spec.method.type_) {

@@ -142,6 +142,7 @@ fn examples_are_complete_petl_jobs_with_admissible_uris() {
             spec.method.lora.is_some(),
             spec.method.bitfit.is_some(),
             spec.method.lst.is_some(),
+            spec.method.head.is_some(),
         ];
         assert_eq!(
             blocks.iter().filter(|b| **b).count(),
@@ -157,6 +158,7 @@ fn examples_are_complete_petl_jobs_with_admissible_uris() {
         MethodType::Lora,
         MethodType::Bitfit,
         MethodType::Full,
+        MethodType::Head,
     ] {
         assert!(methods.contains(&method), "no example for {method:?}");
     }

@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use petl_crds::{LoraConfig, LstConfig, MethodConfig, TrainingSpec};
 use petl_trainer::data::{DataConfig, Dataset, Task, UnknownLabels, Validation};
 use petl_trainer::export::{
-    Adapter, AdapterFormat, LoraSettings, WEIGHTS_FILE, load_into, read_adapter, write_adapter,
+    Adapter, AdapterFormat, AdapterTask, HEAD_FILE, LoraSettings, WEIGHTS_FILE, load_into,
+    read_adapter, write_adapter,
 };
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::bert::Bert;
@@ -120,7 +121,7 @@ fn lora_adapter_in_peft_layout_reproduces_the_fine_tuned_logits() {
             target_modules: lora.target_modules.clone(),
         }),
         base_model: MODEL.into(),
-        task_type: "SEQ_CLS".into(),
+        task: AdapterTask::SequenceClassification,
         hyperparameters: serde_json::json!({}),
     };
     write_adapter(dir.path(), &adapter, AdapterFormat::Peft).unwrap();
@@ -130,8 +131,9 @@ fn lora_adapter_in_peft_layout_reproduces_the_fine_tuned_logits() {
     let a = &raw["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"];
     let b = &raw["base_model.model.encoder.layer.5.attention.self.value.lora_B.weight"];
     assert_eq!((a.dims(), b.dims()), (&[4, 384][..], &[384, 4][..]));
-    assert!(raw.contains_key("base_model.model.classifier.weight"));
-    assert_eq!(raw.len(), 6 * 2 * 2 + 2);
+    assert_eq!(raw.len(), 6 * 2 * 2, "only the LoRA tensors in PEFT's file");
+    let head = candle_core::safetensors::load(dir.path().join(HEAD_FILE), &Device::Cpu).unwrap();
+    assert_eq!(head["classifier.weight"].dims(), &[2, 384]);
     let config_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap())
             .unwrap();
@@ -163,7 +165,7 @@ fn lst_adapter_in_safetensors_layout_reproduces_the_fine_tuned_logits() {
         tensors: trainer.method().exportable(),
         lora: None,
         base_model: MODEL.into(),
-        task_type: "SEQ_CLS".into(),
+        task: AdapterTask::SequenceClassification,
         hyperparameters: serde_json::json!({"reduction": 8}),
     };
     write_adapter(dir.path(), &adapter, AdapterFormat::Safetensors).unwrap();
@@ -188,7 +190,7 @@ fn adapter_for_another_method_is_refused_naming_the_missing_tensor() {
         tensors: trainer.method().exportable(),
         lora: None,
         base_model: MODEL.into(),
-        task_type: "SEQ_CLS".into(),
+        task: AdapterTask::SequenceClassification,
         hyperparameters: serde_json::Value::Null,
     };
     write_adapter(dir.path(), &adapter, AdapterFormat::Safetensors).unwrap();

@@ -52,7 +52,14 @@ fn petl_run_writes_an_adapter_and_a_manifest_that_pins_it() {
     );
     assert!(manifest.trainable_parameters > 0 && manifest.peak_memory_bytes > 0);
     let names: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
-    assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
+    assert_eq!(
+        names,
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "head.safetensors"
+        ]
+    );
     for file in &manifest.files {
         let path = out.join(&file.path);
         assert_eq!(sha256_file(&path).unwrap(), file.sha256, "{}", file.path);

@@ -1,4 +1,5 @@
-//! Trains all-MiniLM-L6-v2 on Rotten Tomatoes with our full FT, LoRA, BitFit and LST and with
+//! Trains all-MiniLM-L6-v2 on Rotten Tomatoes with our full FT, LoRA, BitFit, LST and the linear
+//! probe (head) and with
 //! PyTorch + PEFT's full FT and LoRA on the same batches, one fresh process per run; one table.
 //!
 //! Memory is the same measure on both sides: the resident-set high-water mark over the training
@@ -42,9 +43,13 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Our methods to run.
-    #[arg(long, value_delimiter = ',', default_value = "full,lora,bitfit,lst")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "full,lora,bitfit,lst,head"
+    )]
     ours: Vec<String>,
-    /// PyTorch + PEFT methods to run (full, lora); empty to skip the peer.
+    /// PyTorch + PEFT methods to run (full, lora, head); empty to skip the peer.
     #[arg(long, value_delimiter = ',', default_value = "full,lora")]
     pytorch: Vec<String>,
     /// The venv python with torch, transformers and peft [default: ~/.cache/petl/venv-bench/bin/python,

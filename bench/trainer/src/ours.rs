@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
-use petl_crds::{BitFitConfig, FullConfig, LoraConfig, LstConfig, MethodConfig, Schedule};
+use petl_crds::{
+    BitFitConfig, FullConfig, HeadConfig, LoraConfig, LstConfig, MethodConfig, Schedule,
+};
 use petl_trainer::data::Batch;
 use petl_trainer::memory;
 use petl_trainer::methods::{self, Method};
@@ -32,7 +34,8 @@ pub fn run(method: &str, model: &Path, batches: &Path, lr: f64, phases: bool) ->
         "lora" => MethodConfig::Lora(LoraConfig::default()),
         "bitfit" => MethodConfig::Bitfit(BitFitConfig::default()),
         "lst" => MethodConfig::Lst(LstConfig::default()),
-        other => bail!("unknown method {other}: use full, lora, bitfit or lst"),
+        "head" => MethodConfig::Head(HeadConfig::default()),
+        other => bail!("unknown method {other}: use full, lora, bitfit, lst or head"),
     };
     let backbone = Bert::load(model, DType::F32, &Device::Cpu)?;
     let method_impl = methods::for_bert(&config, backbone, num_labels, 42)?;

@@ -89,13 +89,28 @@ pub fn print_table(setup: &Setup, results: &[Measured]) {
             .find(|m| m.side == side && m.method == method)
     };
     println!("ours / PyTorch+PEFT, same method:");
-    for method in ["full", "lora"] {
+    for method in ["full", "lora", "head"] {
         if let (Some(o), Some(p)) = (find("ours", method), find("pytorch", method)) {
             println!(
                 "  {method:<6} peak RSS {:.2}×   step time {:.2}×   accuracy {:+.3}",
                 ratio(o.peak_rss_delta_bytes, p.peak_rss_delta_bytes),
                 o.step_seconds / p.step_seconds,
                 o.valid_accuracy - p.valid_accuracy
+            );
+        }
+    }
+    // The linear probe is the floor: a method no more accurate than it learned nothing from tuning.
+    if let Some(probe) = find("ours", "head") {
+        println!(
+            "accuracy above our linear probe (head, {:.3}):",
+            probe.valid_accuracy
+        );
+        for m in results.iter().filter(|m| m.method != "head") {
+            println!(
+                "  {:<8} {:<7} {:+.3}",
+                m.side,
+                m.method,
+                m.valid_accuracy - probe.valid_accuracy
             );
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod backbone_tuning;
 pub mod head;
+pub mod linear_probe;
 pub mod lora;
 pub mod lst;
 
@@ -69,6 +70,9 @@ pub fn for_bert(
             seed,
         )?),
         MethodConfig::Lst(c) => Box::new(lst::Lst::new(backbone, c, num_labels, seed)?),
+        MethodConfig::Head(_) => {
+            Box::new(linear_probe::LinearProbe::new(backbone, num_labels, seed)?)
+        }
     })
 }
 

@@ -1,0 +1,39 @@
+//! The linear probe (`head`): only the classification head trains, on the frozen backbone's
+//! output. It is the floor of every table: a method that does no better has learned nothing.
+
+use candle_core::{Tensor, Var};
+
+use super::{Method, head::Head};
+use crate::Result;
+use crate::init::Rng;
+use crate::models::bert::Bert;
+
+/// The frozen backbone under a trainable classification head.
+pub struct LinearProbe {
+    backbone: Bert,
+    head: Head,
+}
+
+impl LinearProbe {
+    pub fn new(backbone: Bert, num_labels: usize, seed: u64) -> Result<Self> {
+        let mut rng = Rng::new(seed);
+        let head = Head::over(&backbone, num_labels, &mut rng)?;
+        Ok(Self { backbone, head })
+    }
+}
+
+impl Method for LinearProbe {
+    fn name(&self) -> &'static str {
+        "head"
+    }
+
+    fn parameters(&self) -> Vec<(String, Var)> {
+        self.head.parameters()
+    }
+
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        // Nothing in the backbone is a `Var`, so its forward builds no graph and keeps nothing.
+        let h = self.backbone.forward(input_ids, attention_mask)?;
+        self.head.forward(&h, attention_mask)
+    }
+}
