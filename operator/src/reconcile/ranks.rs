@@ -343,14 +343,23 @@ mod tests {
     }
 
     #[test]
-    fn the_artifact_is_read_from_the_termination_message_of_a_clean_exit() {
-        let message = r#"{"uri":"file:///out/a","digest":"sha256:ab","sizeBytes":7}"#;
+    fn the_artifact_and_final_report_are_read_from_the_termination_message_of_a_clean_exit() {
+        let message = r#"{"artifact":{"uri":"file:///out/a","digest":"sha256:ab","sizeBytes":7},
+            "report":{"progress":{"step":50,"totalSteps":50},"recoveries":1}}"#;
         let pod = fixtures::succeeded_pod("job", 0, Some(message));
-        let artifact = RankPod::from_pod(&pod).unwrap().artifact.unwrap();
+        let read = RankPod::from_pod(&pod).unwrap();
+        let artifact = read.artifact.unwrap();
         assert_eq!(
             (artifact.digest.as_str(), artifact.size_bytes),
             ("sha256:ab", 7)
         );
+        let report = read.final_report.unwrap();
+        assert_eq!((report.progress.step, report.recoveries), (50, 1));
+        let artifact_only =
+            r#"{"artifact":{"uri":"file:///out/a","digest":"sha256:ab","sizeBytes":7}}"#;
+        let pod = fixtures::succeeded_pod("job", 0, Some(artifact_only));
+        let read = RankPod::from_pod(&pod).unwrap();
+        assert!(read.artifact.is_some() && read.final_report.is_none());
         let garbled = fixtures::succeeded_pod("job", 0, Some("panicked at ..."));
         assert_eq!(RankPod::from_pod(&garbled).unwrap().artifact, None);
     }
