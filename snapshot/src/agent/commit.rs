@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::join_all;
 
-use super::{Agent, CALL_TIMEOUT, NOTICE_TIMEOUT, cpu};
+use super::{Agent, CALL_TIMEOUT, cpu};
 use crate::codec;
 use crate::protocol::{Message, ShardHeader};
 use crate::store::OwnCopy;
@@ -169,20 +169,8 @@ async fn store_shard(agent: &Arc<Agent>, header: ShardHeader, data: Bytes) -> Re
 /// pending; the agreement still counts it while some agent knows of the commit.
 async fn announce_commit(agent: &Arc<Agent>, generation: u64) {
     let owner = agent.rank();
-    let notices = (0..agent.cfg.layout.total()).map(|i| {
-        let holder = agent.placement.holder(agent.cfg.rank, i);
-        async move {
-            if holder == agent.cfg.rank {
-                agent
-                    .store
-                    .lock()
-                    .expect("store lock")
-                    .commit_held(owner, generation);
-            } else {
-                let msg = Message::Commit { owner, generation };
-                let _ = agent.call(holder, &msg, NOTICE_TIMEOUT).await;
-            }
-        }
-    });
-    join_all(notices).await;
+    let msg = Message::Commit { owner, generation };
+    agent
+        .notify_holders(msg, |store| store.commit_held(owner, generation))
+        .await;
 }

