@@ -57,7 +57,8 @@ pub fn decide(placement: &Placement, statuses: &[AgentStatus]) -> Result<Option<
         .iter()
         .enumerate()
         .map(|(rank, status)| {
-            let local = status.own.iter().filter(|(_, c)| *c).map(|(g, _)| *g);
+            // A live agent restores its own rank from any copy it keeps, committed or not.
+            let local = status.own.iter().map(|(g, _)| *g);
             let rebuilt = shards
                 .iter()
                 .filter(|((o, _), (committed, n))| *o == rank as u32 && *committed && *n >= k)
@@ -154,6 +155,20 @@ mod tests {
         statuses[2].own.push((6, true));
         let a = decide(&p, &statuses).unwrap().unwrap();
         assert_eq!((a.generation, a.source), (5, Source::Memory));
+    }
+
+    #[test]
+    fn a_live_agents_uncommitted_copy_counts_for_its_own_rank() {
+        // Ranks 0 and 1 skipped committing 6 (7 came first); rank 2 never got 7.
+        let (p, mut statuses) = healthy(&[4, 5]);
+        for (rank, status) in statuses.iter_mut().enumerate() {
+            status.own.push((6, rank >= 2));
+            if rank < 2 {
+                status.own.push((7, true));
+            }
+        }
+        let a = decide(&p, &statuses).unwrap().unwrap();
+        assert_eq!((a.generation, a.source), (6, Source::Memory));
     }
 
     #[test]

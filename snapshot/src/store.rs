@@ -1,7 +1,7 @@
 //! An agent's memory: full copies of its own rank's snapshots and the shards it holds for
-//! other ranks, each marked pending or committed, pruned to the last two committed generations.
+//! other ranks, each marked pending or committed, pruned to what an agreement can still pick.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
@@ -10,6 +10,19 @@ use crate::protocol::{AgentStatus, ShardHeader};
 /// Committed generations kept per rank; the one before the newest covers a failure that
 /// strikes while the newest commits on some ranks but not yet on others.
 pub const KEEP_COMMITTED: usize = 2;
+
+/// Own handoffs kept whatever their commit state. A live agent restores its own rank from any
+/// of them, and ranks that train in lockstep are at most one handoff apart when one fails; the
+/// commit pipeline skips intermediate handoffs independently on each rank, so the one before
+/// the newest may be the only generation every rank still has.
+pub const KEEP_HANDOFFS: usize = 2;
+
+/// Most own copies kept at once. Beyond the committed and newest ones, an agent keeps its
+/// copies back to the newest generation every rank whose shards it holds has committed (a rank
+/// lost with its agent is rebuilt at that generation, and the others must still have it); while
+/// commits lag far behind, that could grow without bound, so it stops here and the durable
+/// store covers the rest.
+pub const MAX_OWN_COPIES: usize = 6;
 
 /// A full encoded snapshot of this agent's own rank.
 #[derive(Clone, Debug)]
@@ -48,7 +61,7 @@ impl Store {
                 committed: false,
             },
         );
-        prune(&mut self.own);
+        self.prune_own();
     }
 
     /// A copy rebuilt by a recovery: it was committed everywhere when it was made.
@@ -61,7 +74,7 @@ impl Store {
                 committed: true,
             },
         );
-        prune(&mut self.own);
+        self.prune_own();
     }
 
     /// Marks a generation committed; false when it was dropped meanwhile.
@@ -70,7 +83,7 @@ impl Store {
             return false;
         };
         copy.committed = true;
-        prune(&mut self.own);
+        self.prune_own();
         true
     }
 
@@ -126,6 +139,7 @@ impl Store {
         if let Some(shard) = self.held.get_mut(&(owner, generation)) {
             shard.committed = true;
             self.prune_held(owner);
+            self.prune_own();
         }
     }
 
@@ -154,6 +168,42 @@ impl Store {
             durable: Vec::new(),
             settled: true,
         }
+    }
+
+    /// Keeps the own copies an agreement may still pick (see `KEEP_COMMITTED`, `KEEP_HANDOFFS`
+    /// and `MAX_OWN_COPIES`); the rest go.
+    fn prune_own(&mut self) {
+        let mut committed: BTreeMap<u64, bool> =
+            self.own.iter().map(|(&g, c)| (g, c.committed)).collect();
+        prune(&mut committed);
+        let mut keep: BTreeSet<u64> = committed
+            .iter()
+            .filter(|(_, c)| **c)
+            .map(|(&g, _)| g)
+            .collect();
+        keep.extend(self.own.keys().rev().take(KEEP_HANDOFFS));
+        if let Some(watermark) = self.peers_committed() {
+            for &g in self.own.keys().rev().take_while(|&&g| g >= watermark) {
+                if keep.len() >= MAX_OWN_COPIES {
+                    break;
+                }
+                keep.insert(g);
+            }
+        }
+        self.own.retain(|g, _| keep.contains(g));
+    }
+
+    /// The newest generation every rank whose shards this agent holds has committed, as far as
+    /// the commit notices it got say.
+    fn peers_committed(&self) -> Option<u64> {
+        let mut newest: BTreeMap<u32, u64> = BTreeMap::new();
+        for (&(owner, generation), shard) in &self.held {
+            if shard.committed {
+                let n = newest.entry(owner).or_default();
+                *n = (*n).max(generation);
+            }
+        }
+        newest.into_values().min()
     }
 
     fn prune_held(&mut self, owner: u32) {
@@ -231,6 +281,49 @@ mod tests {
         let own: Vec<_> = s.status(0).own;
         assert_eq!(own, vec![(3, true), (4, true), (5, false)]);
         assert_eq!(s.next_to_commit().unwrap().0, 5);
+    }
+
+    #[test]
+    fn the_handoff_before_the_newest_stays_when_its_commit_was_skipped() {
+        let mut s = Store::default();
+        s.put_own(1, Bytes::from_static(b"1"), None);
+        assert!(s.commit_own(1));
+        s.put_own(2, Bytes::from_static(b"2"), None);
+        s.put_own(3, Bytes::from_static(b"3"), None);
+        s.put_own(4, Bytes::from_static(b"4"), None);
+        assert!(s.commit_own(4), "the pipeline skipped 2 and 3");
+        let own: Vec<_> = s.status(0).own;
+        assert_eq!(own, vec![(1, true), (3, false), (4, true)]);
+    }
+
+    #[test]
+    fn own_copies_reach_back_to_what_every_peer_committed_within_a_cap() {
+        let mut s = Store::default();
+        s.hold(header(1, 2), Bytes::new());
+        s.commit_held(1, 2);
+        s.hold(header(2, 4), Bytes::new());
+        s.commit_held(2, 4);
+        for g in 1..=6 {
+            s.put_own(g, Bytes::from_static(b"x"), None);
+            assert!(s.commit_own(g));
+        }
+        let own: Vec<u64> = s.status(0).own.iter().map(|(g, _)| *g).collect();
+        assert_eq!(
+            own,
+            vec![2, 3, 4, 5, 6],
+            "rank 1 could be rebuilt at 2 only"
+        );
+        for g in 7..=12 {
+            s.put_own(g, Bytes::from_static(b"x"), None);
+            assert!(s.commit_own(g));
+        }
+        assert_eq!(s.status(0).own.len(), MAX_OWN_COPIES);
+        s.hold(header(1, 12), Bytes::new());
+        s.commit_held(1, 12);
+        s.hold(header(2, 12), Bytes::new());
+        s.commit_held(2, 12);
+        let own: Vec<u64> = s.status(0).own.iter().map(|(g, _)| *g).collect();
+        assert_eq!(own, vec![11, 12]);
     }
 
     #[test]

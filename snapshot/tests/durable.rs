@@ -132,7 +132,6 @@ fn ranks_that_snapshot_only_when_all_are_ready_checkpoint_the_same_span_openers(
 }
 
 #[test]
-#[ignore = "flaky: fails 3 to 9 runs in 20 on an idle 2-core machine (agreement finds no generation held by every rank: rank 0 memory {2, 4} durable {1, 4}); see issue 9's note"]
 fn a_rollback_drops_durable_checkpoints_of_the_abandoned_timeline_and_rewrites_them() {
     let cluster = Cluster::start(3, 2, 1, 1);
     let clients: Vec<_> = (0..3).map(|r| cluster.client(r)).collect();

@@ -1,4 +1,4 @@
-//! The restore tiers: this agent's own committed copy, a rebuild from k shards fetched from
+//! The restore tiers: this agent's own copy, a rebuild from k shards fetched from
 //! peers, or the durable store; and the rollback that voids generations after the agreed one.
 
 use std::sync::Arc;
@@ -30,7 +30,8 @@ pub(super) async fn restore(
             .expect("store lock")
             .own(generation)
             .cloned();
-        if let Some(copy) = copy.filter(|c| c.committed) {
+        // Committed or not: the copy is the whole state the trainer handed over.
+        if let Some(copy) = copy {
             agent.metrics.recovered(Tier::Local);
             return Ok((Tier::Local, copy.bytes));
         }
@@ -86,6 +87,9 @@ async fn roll_back_to(agent: &Arc<Agent>, generation: u64) {
         .expect("store lock")
         .rollback_own(generation);
     agent.publish_committed();
+    // The agreed generation may be a handoff whose commit was skipped for a newer one: commit
+    // it now, so that peers hold its shards and this agent reads as settled again.
+    agent.handoff.notify_one();
     let msg = Message::Rollback { owner, generation };
     agent
         .notify_holders(msg, |store| store.rollback_held(owner, generation))
