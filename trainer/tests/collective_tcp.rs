@@ -205,6 +205,30 @@ fn another_job_is_refused_on_both_ends() {
 }
 
 #[test]
+fn a_stranger_dialling_first_is_refused_and_the_group_still_forms() {
+    let (listeners, peers) = listeners(2);
+    // A rank of another job whose peer list names rank 1's address as its next rank: its
+    // connection waits in rank 1's backlog before rank 0's does.
+    let (mut stranger_listener, mut stranger_peers) = self::listeners(1);
+    stranger_peers.push(peers[1].clone());
+    let stranger_config = config(0, &stranger_peers, "job-b", SECRET);
+    let stranger = std::thread::spawn(move || {
+        TcpCollective::connect_on(stranger_listener.pop().unwrap(), stranger_config).map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let configs = (0..2).map(|r| config(r, &peers, "job-a", SECRET)).collect();
+    let sums = run_group(listeners, configs, |rank, group| {
+        let mut group = group.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+        group.all_reduce_sum_f64(&[1.0 + rank as f64]).unwrap()
+    });
+    assert_eq!(sums, vec![vec![3.0], vec![3.0]]);
+    match stranger.join().unwrap() {
+        Err(CollectiveError::Auth { rank: 1, .. }) => {}
+        other => panic!("the stranger was not refused: {other:?}"),
+    }
+}
+
+#[test]
 fn a_rank_that_never_starts_is_named_by_every_rank_within_the_deadline() {
     let (mut listeners, peers) = listeners(4);
     // Rank 3 never starts: nothing listens at its address.

@@ -229,8 +229,11 @@ fn connect(address: SocketAddr, timeout: Duration, buffer: Option<usize>) -> io:
 }
 
 /// Accepts connections until rank `from` passes the handshake, or the deadline passes.
-/// Connections that are not petl ranks are dropped and waiting goes on; a rank of another job,
-/// or with another secret, ends the formation.
+/// Connections that are not petl ranks are dropped, and a dialler of another job or with another
+/// secret is refused (its own formation ends with that refusal); waiting goes on, since anyone
+/// who can reach the port could otherwise end this job's formation. If rank `from` never passes,
+/// the deadline reports the last refusal rather than an unreachable peer: a misconfigured
+/// previous rank is named with the reason.
 fn accept(
     config: &TcpConfig,
     me: &Identity,
@@ -242,17 +245,20 @@ fn accept(
     let io_failed =
         |source: io::Error| Stop::Error(CollectiveError::PeerLost { rank: from, source });
     listener.set_nonblocking(true).map_err(io_failed)?;
+    let mut refused: Option<CollectiveError> = None;
     loop {
         if stop.load(Ordering::SeqCst) {
             return Err(Stop::Cancelled);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Stop::Error(CollectiveError::PeerUnreachable {
-                rank: from,
-                address: config.peers[from].clone(),
-                waited: config.connect_deadline,
-            }));
+            return Err(Stop::Error(refused.unwrap_or_else(|| {
+                CollectiveError::PeerUnreachable {
+                    rank: from,
+                    address: config.peers[from].clone(),
+                    waited: config.connect_deadline,
+                }
+            })));
         }
         let (mut stream, remote) = match listener.accept() {
             Ok(accepted) => accepted,
@@ -279,6 +285,10 @@ fn accept(
                 set_timeouts(&stream, config.op_timeout).map_err(io_failed)?;
                 let receiver = Receiver::new(stream, from, agreed.forward_key, config.op_timeout);
                 return Ok((receiver, agreed.peer_incarnation));
+            }
+            Err(Failed::Fatal(error @ CollectiveError::Auth { .. })) => {
+                tracing::warn!(%remote, %error, "refused a connection; still waiting for rank {from}");
+                refused = Some(error);
             }
             Err(Failed::Fatal(error)) => return Err(Stop::Error(error)),
             Err(Failed::Retry(why)) => {
