@@ -2,11 +2,32 @@
 //! the memory baseline) and BitFit (the biases only; frozen linears give `dx` and save no inputs).
 
 use candle_core::{Tensor, Var};
+use petl_crds::{BitFitConfig, FullConfig};
 
 use super::{Method, head::Head, make_trainable};
 use crate::Result;
 use crate::init::Rng;
 use crate::models::bert::Bert;
+
+/// Full fine-tuning (`full`): every backbone tensor trains.
+pub fn full(
+    _: &FullConfig,
+    backbone: Bert,
+    num_labels: usize,
+    seed: u64,
+) -> Result<BackboneTuning> {
+    BackboneTuning::new(backbone, Selection::All, num_labels, seed)
+}
+
+/// BitFit (`bitfit`): only the bias terms train.
+pub fn bitfit(
+    _: &BitFitConfig,
+    backbone: Bert,
+    num_labels: usize,
+    seed: u64,
+) -> Result<BackboneTuning> {
+    BackboneTuning::new(backbone, Selection::Biases, num_labels, seed)
+}
 
 /// Which backbone tensors train.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

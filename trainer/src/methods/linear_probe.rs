@@ -2,6 +2,7 @@
 //! output. It is the floor of every table: a method that does no better has learned nothing.
 
 use candle_core::{Tensor, Var};
+use petl_crds::HeadConfig;
 
 use super::{Method, head::Head};
 use crate::Result;
@@ -15,7 +16,7 @@ pub struct LinearProbe {
 }
 
 impl LinearProbe {
-    pub fn new(backbone: Bert, num_labels: usize, seed: u64) -> Result<Self> {
+    pub fn new(_: &HeadConfig, backbone: Bert, num_labels: usize, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed);
         let head = Head::over(&backbone, num_labels, &mut rng)?;
         Ok(Self { backbone, head })

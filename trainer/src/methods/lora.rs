@@ -20,8 +20,8 @@ pub struct Lora {
 
 impl Lora {
     pub fn new(
-        mut backbone: Bert,
         config: &LoraConfig,
+        mut backbone: Bert,
         num_labels: usize,
         seed: u64,
     ) -> Result<Self> {

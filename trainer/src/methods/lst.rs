@@ -34,7 +34,7 @@ pub struct Lst {
 }
 
 impl Lst {
-    pub fn new(backbone: Bert, config: &LstConfig, num_labels: usize, seed: u64) -> Result<Self> {
+    pub fn new(config: &LstConfig, backbone: Bert, num_labels: usize, seed: u64) -> Result<Self> {
         let d = backbone.hidden_size();
         let n_layers = backbone.layers.len();
         let reduction = usize::try_from(config.reduction)

@@ -8,7 +8,7 @@ pub mod lora;
 pub mod lst;
 
 use candle_core::{Tensor, Var};
-use petl_crds::MethodConfig;
+use petl_crds::{MethodConfig, MethodType};
 
 use crate::Result;
 use crate::models::bert::Bert;
@@ -48,32 +48,47 @@ pub trait Method: Send {
     }
 }
 
-/// Builds the method `config` names on a BERT backbone with a `num_labels`-way classification head.
+/// The registry: one line a method, from its `MethodType` (the API's table in `petl_crds`) to the
+/// function in its file that builds it from its settings, a backbone, the number of labels and
+/// a seed. The `match` it generates is exhaustive, so a method added to the API without a line
+/// here does not compile.
+macro_rules! registry {
+    ($($variant:ident => $build:path),+ $(,)?) => {
+        /// The methods the trainer builds, in registry order.
+        pub const REGISTERED: &[MethodType] = &[$(MethodType::$variant),+];
+
+        /// Builds the method `config` names on `backbone` with a `num_labels`-way
+        /// classification head.
+        pub fn build(
+            config: &MethodConfig,
+            backbone: Bert,
+            num_labels: usize,
+            seed: u64,
+        ) -> Result<Box<dyn Method>> {
+            Ok(match config {
+                $(MethodConfig::$variant(c) => Box::new($build(c, backbone, num_labels, seed)?),)+
+            })
+        }
+    };
+}
+
+registry! {
+    Full => backbone_tuning::full,
+    Lora => lora::Lora::new,
+    Bitfit => backbone_tuning::bitfit,
+    Lst => lst::Lst::new,
+    Head => linear_probe::LinearProbe::new,
+}
+
+/// Builds the method `config` names on a BERT backbone (what [`build`] does; kept for callers
+/// that predate the registry).
 pub fn for_bert(
     config: &MethodConfig,
     backbone: Bert,
     num_labels: usize,
     seed: u64,
 ) -> Result<Box<dyn Method>> {
-    Ok(match config {
-        MethodConfig::Full(_) => Box::new(BackboneTuning::new(
-            backbone,
-            Selection::All,
-            num_labels,
-            seed,
-        )?),
-        MethodConfig::Lora(c) => Box::new(lora::Lora::new(backbone, c, num_labels, seed)?),
-        MethodConfig::Bitfit(_) => Box::new(BackboneTuning::new(
-            backbone,
-            Selection::Biases,
-            num_labels,
-            seed,
-        )?),
-        MethodConfig::Lst(c) => Box::new(lst::Lst::new(backbone, c, num_labels, seed)?),
-        MethodConfig::Head(_) => {
-            Box::new(linear_probe::LinearProbe::new(backbone, num_labels, seed)?)
-        }
-    })
+    build(config, backbone, num_labels, seed)
 }
 
 /// Makes `t` trainable: a `Var` copy replaces it in the model, and the `Var` is returned.
