@@ -54,7 +54,7 @@ fn the_registry_builds_every_api_method_under_its_name() {
     for &m in MethodType::ALL {
         assert!(REGISTERED.contains(&m), "{m} is not registered");
         let config = MethodSpec::of_type(m).config();
-        let method = methods::build(&config, tiny_bert(), 2, 1)
+        let method = methods::build(&config, Box::new(tiny_bert()), 2, 1)
             .unwrap_or_else(|e| panic!("{m} with its defaults: {e}"));
         assert_eq!(method.name(), m.as_str());
         assert!(method.trainable_parameters() > 0, "{m}");

@@ -1,5 +1,7 @@
 //! Fine-tuning methods: each file turns a frozen backbone into trainable parameters and a forward
-//! that builds only the graph its backward needs. This file holds the small trait they share.
+//! that builds only the graph its backward needs. This file holds the small trait they share and
+//! the registry that maps each API method to its file. Methods see the backbone only through
+//! [`Backbone`], so each runs on BERT and Llama alike.
 
 pub mod backbone_tuning;
 pub mod head;
@@ -11,6 +13,7 @@ use candle_core::{Tensor, Var};
 use petl_crds::{MethodConfig, MethodType};
 
 use crate::Result;
+use crate::models::Backbone;
 use crate::models::bert::Bert;
 use crate::tape::StepSeed;
 pub use backbone_tuning::{BackboneTuning, Selection};
@@ -61,7 +64,7 @@ macro_rules! registry {
         /// classification head.
         pub fn build(
             config: &MethodConfig,
-            backbone: Bert,
+            backbone: Box<dyn Backbone>,
             num_labels: usize,
             seed: u64,
         ) -> Result<Box<dyn Method>> {
@@ -80,15 +83,14 @@ registry! {
     Head => linear_probe::LinearProbe::new,
 }
 
-/// Builds the method `config` names on a BERT backbone (what [`build`] does; kept for callers
-/// that predate the registry).
+/// Builds the method `config` names on a BERT backbone ([`build`] with a boxed [`Bert`]).
 pub fn for_bert(
     config: &MethodConfig,
     backbone: Bert,
     num_labels: usize,
     seed: u64,
 ) -> Result<Box<dyn Method>> {
-    build(config, backbone, num_labels, seed)
+    build(config, Box::new(backbone), num_labels, seed)
 }
 
 /// Makes `t` trainable: a `Var` copy replaces it in the model, and the `Var` is returned.
