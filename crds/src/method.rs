@@ -1,7 +1,12 @@
 //! Which parameters are trained and how (`spec.method`): a `type` plus the block for that type.
-//! Adding a method = one `MethodType` variant, one config block, one CEL rule, one `MethodConfig` arm.
+//!
+//! Every method is one row of the table in `methods!` below: its `MethodType` variant, its YAML
+//! name, the `MethodSpec` field that holds its settings and the settings type. The enum, the
+//! settings fields, the CEL rule "a block only with its type", `MethodConfig` and its resolution
+//! all come from that row. Adding a method = one settings struct + one row.
 
 use std::fmt;
+use std::str::FromStr;
 
 use kube::KubeSchema;
 use schemars::JsonSchema;
@@ -9,73 +14,161 @@ use serde::{Deserialize, Serialize};
 
 use crate::rules::rule;
 
-/// The fine-tuning method. Only the block named by `type` may be set; a missing block means that
-/// method's defaults.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-#[x_kube(
-    validation = rule("!has(self.full) || self.type == 'full'", "spec.method.full may only be set when spec.method.type is full; remove it or set type: full"),
-    validation = rule("!has(self.lora) || self.type == 'lora'", "spec.method.lora may only be set when spec.method.type is lora; remove it or set type: lora"),
-    validation = rule("!has(self.bitfit) || self.type == 'bitfit'", "spec.method.bitfit may only be set when spec.method.type is bitfit; remove it or set type: bitfit"),
-    validation = rule("!has(self.lst) || self.type == 'lst'", "spec.method.lst may only be set when spec.method.type is lst; remove it or set type: lst"),
-    validation = rule("!has(self.head) || self.type == 'head'", "spec.method.head may only be set when spec.method.type is head; remove it or set type: head"),
-)]
-pub struct MethodSpec {
-    /// The method: full (all parameters), lora (low-rank adapters), bitfit (biases only), lst
-    /// (ladder side tuning: a small side network reads the frozen backbone's hidden states, so
-    /// backward never touches the backbone) or head (a linear probe: only the classification head
-    /// trains, on the frozen backbone's pooled output; the floor every other method must beat).
-    #[serde(rename = "type")]
-    pub type_: MethodType,
-    /// Settings for type: full.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub full: Option<FullConfig>,
-    /// Settings for type: lora.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<LoraConfig>,
-    /// Settings for type: bitfit.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bitfit: Option<BitFitConfig>,
-    /// Settings for type: lst.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lst: Option<LstConfig>,
-    /// Settings for type: head.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub head: Option<HeadConfig>,
-}
-
-/// The method names accepted in `spec.method.type`.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum MethodType {
-    /// Train every parameter (baseline).
-    Full,
-    /// Low-rank adapters on selected linear layers.
-    Lora,
-    /// Train only bias terms.
-    Bitfit,
-    /// Ladder side tuning.
-    Lst,
-    /// The classification head alone on the frozen backbone (a linear probe).
-    Head,
-}
-
-impl MethodType {
-    /// The name as written in YAML.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MethodType::Full => "full",
-            MethodType::Lora => "lora",
-            MethodType::Bitfit => "bitfit",
-            MethodType::Lst => "lst",
-            MethodType::Head => "head",
+/// Generates the method API from one table. Each row is
+/// `/// docs` `Variant = "yaml-name" => field: SettingsType`; the docs become the variant's
+/// documentation and its part of the `type` field's description.
+macro_rules! methods {
+    ($(
+        $(#[doc = $doc:literal])+
+        $variant:ident = $name:literal => $field:ident: $config:ty
+    ),+ $(,)?) => {
+        /// The fine-tuning method. Only the block named by `type` may be set; a missing block
+        /// means that method's defaults.
+        #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+        #[serde(rename_all = "camelCase")]
+        #[x_kube($(
+            validation = rule(
+                concat!("!has(self.", $name, ") || self.type == '", $name, "'"),
+                concat!(
+                    "spec.method.", $name, " may only be set when spec.method.type is ", $name,
+                    "; remove it or set type: ", $name
+                ),
+            )
+        ),+)]
+        pub struct MethodSpec {
+            #[doc = concat!("The method:", $("\n- ", $name, ":", $($doc,)+)+)]
+            #[serde(rename = "type")]
+            pub type_: MethodType,
+            $(
+                #[doc = concat!("Settings for type: ", $name, ".")]
+                #[serde(rename = $name, default, skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$config>,
+            )+
         }
-    }
+
+        /// The method names accepted in `spec.method.type`.
+        #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum MethodType {
+            $(
+                $(#[doc = $doc])+
+                #[serde(rename = $name)]
+                $variant,
+            )+
+        }
+
+        impl MethodType {
+            /// Every method, in table order.
+            pub const ALL: &'static [MethodType] = &[$(MethodType::$variant),+];
+
+            /// The name as written in YAML.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(MethodType::$variant => $name,)+
+                }
+            }
+
+            /// The method's documentation: what it is and trains, in a sentence or two.
+            pub fn summary(self) -> &'static str {
+                match self {
+                    $(MethodType::$variant => concat!($($doc),+).trim_ascii(),)+
+                }
+            }
+        }
+
+        /// The chosen method with its settings resolved (defaults filled in for a missing block).
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum MethodConfig {
+            $(
+                $(#[doc = $doc])+
+                $variant($config),
+            )+
+        }
+
+        impl MethodConfig {
+            /// The method these settings belong to.
+            pub fn method_type(&self) -> MethodType {
+                match self {
+                    $(MethodConfig::$variant(_) => MethodType::$variant,)+
+                }
+            }
+        }
+
+        impl MethodSpec {
+            /// The settings for `type`, taking that method's defaults when its block is absent.
+            pub fn config(&self) -> MethodConfig {
+                match self.type_ {
+                    $(MethodType::$variant => {
+                        MethodConfig::$variant(self.$field.clone().unwrap_or_default())
+                    })+
+                }
+            }
+
+            /// A spec for `type_` with no block (defaults apply).
+            pub fn of_type(type_: MethodType) -> Self {
+                Self { type_, $($field: None,)+ }
+            }
+
+            /// The methods whose settings block is present (valid specs have at most the one
+            /// `type` names).
+            pub fn blocks_present(&self) -> Vec<MethodType> {
+                let mut present = Vec::new();
+                $(if self.$field.is_some() {
+                    present.push(MethodType::$variant);
+                })+
+                present
+            }
+        }
+    };
+}
+
+methods! {
+    /// Train every parameter (the baseline; the most memory).
+    Full = "full" => full: FullConfig,
+    /// Low-rank adapters on selected linear layers; the backbone stays frozen.
+    Lora = "lora" => lora: LoraConfig,
+    /// Train only the bias terms.
+    Bitfit = "bitfit" => bitfit: BitFitConfig,
+    /// Ladder side tuning: a small side network reads the frozen backbone's hidden states, so
+    /// backward never touches the backbone.
+    Lst = "lst" => lst: LstConfig,
+    /// A linear probe: only the classification head trains, on the frozen backbone's pooled
+    /// output; the floor every other method must beat.
+    Head = "head" => head: HeadConfig,
 }
 
 impl fmt::Display for MethodType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A method name that is not in the table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown method {name:?}; valid methods: {valid}")]
+pub struct UnknownMethod {
+    /// What was asked for.
+    pub name: String,
+    /// The accepted names, comma-separated.
+    pub valid: String,
+}
+
+impl FromStr for MethodType {
+    type Err = UnknownMethod;
+
+    /// Parses a YAML method name (`lora`), as `spec.method.type` accepts it.
+    fn from_str(name: &str) -> Result<Self, UnknownMethod> {
+        MethodType::ALL
+            .iter()
+            .copied()
+            .find(|m| m.as_str() == name)
+            .ok_or_else(|| UnknownMethod {
+                name: name.to_string(),
+                valid: MethodType::ALL
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 }
 
@@ -180,46 +273,6 @@ fn default_true() -> bool {
     true
 }
 
-/// The chosen method with its settings resolved (defaults filled in for a missing block).
-#[derive(Clone, Debug, PartialEq)]
-pub enum MethodConfig {
-    /// Full fine-tuning.
-    Full(FullConfig),
-    /// LoRA.
-    Lora(LoraConfig),
-    /// BitFit.
-    Bitfit(BitFitConfig),
-    /// Ladder side tuning.
-    Lst(LstConfig),
-    /// The classification head alone (a linear probe).
-    Head(HeadConfig),
-}
-
-impl MethodSpec {
-    /// The settings for `type`, taking that method's defaults when its block is absent.
-    pub fn config(&self) -> MethodConfig {
-        match self.type_ {
-            MethodType::Full => MethodConfig::Full(self.full.clone().unwrap_or_default()),
-            MethodType::Lora => MethodConfig::Lora(self.lora.clone().unwrap_or_default()),
-            MethodType::Bitfit => MethodConfig::Bitfit(self.bitfit.clone().unwrap_or_default()),
-            MethodType::Lst => MethodConfig::Lst(self.lst.clone().unwrap_or_default()),
-            MethodType::Head => MethodConfig::Head(self.head.clone().unwrap_or_default()),
-        }
-    }
-
-    /// A spec for `type_` with no block (defaults apply).
-    pub fn of_type(type_: MethodType) -> Self {
-        Self {
-            type_,
-            full: None,
-            lora: None,
-            bitfit: None,
-            lst: None,
-            head: None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +295,44 @@ mod tests {
             panic!("lora spec resolved to another method");
         };
         assert_eq!((lora.rank, lora.alpha), (4, 16.0));
+    }
+
+    #[test]
+    fn every_method_has_one_name_for_type_block_and_parser() {
+        for &m in MethodType::ALL {
+            let name = m.as_str();
+            assert_eq!(serde_json::to_value(m).unwrap(), name);
+            assert_eq!(name.parse::<MethodType>(), Ok(m));
+            let spec: MethodSpec =
+                serde_json::from_value(serde_json::json!({"type": name, name: {}})).unwrap();
+            assert_eq!(spec.blocks_present(), [m], "{name}");
+            assert_eq!(spec.config().method_type(), m);
+            assert!(!m.summary().is_empty() && !m.summary().starts_with(' '));
+        }
+    }
+
+    #[test]
+    fn unknown_name_lists_the_valid_ones() {
+        let err = "lst2".parse::<MethodType>().unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("\"lst2\""), "{msg}");
+        for m in MethodType::ALL {
+            assert!(msg.contains(m.as_str()), "{msg}");
+        }
+    }
+
+    #[test]
+    fn schema_has_one_settings_rule_per_method() {
+        let schema = serde_json::to_value(schemars::schema_for!(MethodSpec)).unwrap();
+        let rules = schema["x-kubernetes-validations"].as_array().unwrap();
+        assert_eq!(rules.len(), MethodType::ALL.len());
+        for (m, r) in MethodType::ALL.iter().zip(rules) {
+            let name = m.as_str();
+            assert_eq!(
+                r["rule"],
+                format!("!has(self.{name}) || self.type == '{name}'")
+            );
+            assert!(schema["properties"][name].is_object(), "{name}");
+        }
     }
 }

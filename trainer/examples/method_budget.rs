@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use petl_crds::{LoraConfig, LstConfig, MethodConfig, Schedule};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType, Schedule};
 use petl_trainer::data::Batch;
 use petl_trainer::init::Rng;
 use petl_trainer::memory::{self, CountingAllocator};
@@ -58,6 +58,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.to_string());
     let method_name = arg(0, "lst");
+    // An unknown name is an error that lists the valid ones (`MethodType::from_str`).
+    let method_type: MethodType = method_name.parse()?;
     let seconds: f64 = arg(1, "600").parse()?;
     let batch_size: usize = arg(2, "32").parse()?;
     let max_len: usize = arg(3, "64").parse()?;
@@ -68,9 +70,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let init_from_backbone = arg(8, "1") == "1";
     let warmup_steps: u64 = arg(9, "0").parse()?;
     let schedule = match arg(10, "constant").as_str() {
+        "constant" => Schedule::Constant,
         "linear" => Schedule::Linear,
         "cosine" => Schedule::Cosine,
-        _ => Schedule::Constant,
+        other => {
+            return Err(
+                format!("unknown schedule {other:?}; use constant, linear or cosine").into(),
+            );
+        }
     };
     let max_steps: u64 = arg(11, "1000000").parse()?;
 
@@ -159,20 +166,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         valid_rows.len()
     );
 
-    let config = match method_name.as_str() {
-        "full" => MethodConfig::Full(Default::default()),
-        "bitfit" => MethodConfig::Bitfit(Default::default()),
-        "head" => MethodConfig::Head(Default::default()),
-        "lora" => MethodConfig::Lora(LoraConfig {
-            rank: knob,
-            ..Default::default()
-        }),
-        _ => MethodConfig::Lst(LstConfig {
+    let config = match MethodSpec::of_type(method_type).config() {
+        MethodConfig::Lora(lora) => MethodConfig::Lora(LoraConfig { rank: knob, ..lora }),
+        MethodConfig::Lst(lst) => MethodConfig::Lst(LstConfig {
             reduction: knob,
             gate_init,
             init_from_backbone,
-            ..Default::default()
+            ..lst
         }),
+        other => other,
     };
     let bert = Bert::load(&model, DType::F32, &Device::Cpu)?;
     let method = methods::for_bert(&config, bert, 2, 42)?;

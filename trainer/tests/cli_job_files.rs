@@ -137,29 +137,16 @@ fn examples_are_complete_petl_jobs_with_admissible_uris() {
         StorageUri::parse_source("spec.dataset.uri", &spec.dataset.uri).unwrap();
         StorageUri::parse_sink("spec.output.uri", &spec.output.uri).unwrap();
         // Exactly the block that matches the type (the CRD's CEL rule).
-        let blocks = [
-            spec.method.full.is_some(),
-            spec.method.lora.is_some(),
-            spec.method.bitfit.is_some(),
-            spec.method.lst.is_some(),
-            spec.method.head.is_some(),
-        ];
         assert_eq!(
-            blocks.iter().filter(|b| **b).count(),
-            1,
+            spec.method.blocks_present(),
+            [spec.method.type_],
             "{}",
             file.display()
         );
         assert!(spec.training.epochs.is_some() != spec.training.max_steps.is_some());
         methods.push(spec.method.type_);
     }
-    for method in [
-        MethodType::Lst,
-        MethodType::Lora,
-        MethodType::Bitfit,
-        MethodType::Full,
-        MethodType::Head,
-    ] {
+    for &method in MethodType::ALL {
         assert!(methods.contains(&method), "no example for {method:?}");
     }
 }

@@ -2,22 +2,28 @@
 //! output. It is the floor of every table: a method that does no better has learned nothing.
 
 use candle_core::{Tensor, Var};
+use petl_crds::HeadConfig;
 
 use super::{Method, head::Head};
 use crate::Result;
 use crate::init::Rng;
-use crate::models::bert::Bert;
+use crate::models::Backbone;
 
 /// The frozen backbone under a trainable classification head.
 pub struct LinearProbe {
-    backbone: Bert,
+    backbone: Box<dyn Backbone>,
     head: Head,
 }
 
 impl LinearProbe {
-    pub fn new(backbone: Bert, num_labels: usize, seed: u64) -> Result<Self> {
+    pub fn new(
+        _: &HeadConfig,
+        backbone: Box<dyn Backbone>,
+        num_labels: usize,
+        seed: u64,
+    ) -> Result<Self> {
         let mut rng = Rng::new(seed);
-        let head = Head::over(&backbone, num_labels, &mut rng)?;
+        let head = Head::over(backbone.as_ref(), num_labels, &mut rng)?;
         Ok(Self { backbone, head })
     }
 }

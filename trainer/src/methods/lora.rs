@@ -6,12 +6,12 @@ use petl_crds::LoraConfig;
 
 use super::{Method, head::Head};
 use crate::init::Rng;
-use crate::models::bert::Bert;
+use crate::models::Backbone;
 use crate::tape::{Dropout, LoraDelta, StepSeed};
 use crate::{Error, Result};
 
 pub struct Lora {
-    backbone: Bert,
+    backbone: Box<dyn Backbone>,
     /// PEFT module path and its (A, B).
     adapters: Vec<(String, Var, Var)>,
     dropouts: Vec<Dropout>,
@@ -20,8 +20,8 @@ pub struct Lora {
 
 impl Lora {
     pub fn new(
-        mut backbone: Bert,
         config: &LoraConfig,
+        mut backbone: Box<dyn Backbone>,
         num_labels: usize,
         seed: u64,
     ) -> Result<Self> {
@@ -45,21 +45,21 @@ impl Lora {
         let scale = config.alpha / rank as f64;
         let mut adapters = Vec::new();
         let mut dropouts = Vec::new();
+        let (dtype, device) = (backbone.dtype(), backbone.device().clone());
         for (path, linear) in backbone.linears_mut() {
             let leaf = path.rsplit('.').next().unwrap_or(&path);
             if !config.target_modules.iter().any(|t| t == leaf) {
                 continue;
             }
-            let w = &linear.weight;
             let (out, inp) = (linear.out_features(), linear.in_features());
             // PEFT's init: A kaiming-uniform (a = √5), B zero, so training starts at the backbone.
-            let a = Var::from_tensor(&rng.linear_weight(rank, inp, w.dtype(), w.device())?)?;
-            let b = Var::from_tensor(&Tensor::zeros((out, rank), w.dtype(), w.device())?)?;
+            let a = Var::from_tensor(&rng.linear_weight(rank, inp, dtype, &device)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, rank), dtype, &device)?)?;
             let dropout = (config.dropout > 0.0).then(|| {
                 Dropout::new(config.dropout, seed.wrapping_add(adapters.len() as u64 + 1))
             });
             dropouts.extend(dropout.clone());
-            linear.lora = Some(LoraDelta {
+            linear.set_lora(LoraDelta {
                 a: a.as_tensor().clone(),
                 b: b.as_tensor().clone(),
                 scale,
@@ -71,12 +71,13 @@ impl Lora {
             return Err(Error::Config {
                 field: "spec.method.lora.targetModules".into(),
                 message: format!(
-                    "{:?} matches no linear layer; BERT has query, key, value, dense",
-                    config.target_modules
+                    "{:?} matches no linear layer; this backbone has {}",
+                    config.target_modules,
+                    backbone.linear_names().join(", ")
                 ),
             });
         }
-        let head = Head::over(&backbone, num_labels, &mut rng)?;
+        let head = Head::over(backbone.as_ref(), num_labels, &mut rng)?;
         Ok(Self {
             backbone,
             adapters,

@@ -10,7 +10,8 @@ use petl_crds::LstConfig;
 
 use super::{Method, head::Head, make_trainable};
 use crate::init::Rng;
-use crate::models::bert::{Bert, Layer};
+use crate::models::Backbone;
+use crate::models::bert::Layer;
 use crate::tape::{self, LayerNorm, Linear};
 use crate::{Error, Result};
 
@@ -26,7 +27,7 @@ struct Rung {
 }
 
 pub struct Lst {
-    backbone: Bert,
+    backbone: Box<dyn Backbone>,
     first_down: Linear,
     rungs: Vec<Rung>,
     head: Head,
@@ -34,9 +35,14 @@ pub struct Lst {
 }
 
 impl Lst {
-    pub fn new(backbone: Bert, config: &LstConfig, num_labels: usize, seed: u64) -> Result<Self> {
+    pub fn new(
+        config: &LstConfig,
+        backbone: Box<dyn Backbone>,
+        num_labels: usize,
+        seed: u64,
+    ) -> Result<Self> {
         let d = backbone.hidden_size();
-        let n_layers = backbone.layers.len();
+        let n_layers = backbone.num_layers();
         let reduction = usize::try_from(config.reduction)
             .ok()
             .filter(|r| *r >= 1 && d.is_multiple_of(*r))
@@ -48,12 +54,25 @@ impl Lst {
                 ),
             })?;
         let kept = kept_layers(config.layers.as_deref(), n_layers)?;
-        let side = SideShape::new(&backbone, reduction, config.init_from_backbone)?;
+        let side = SideShape::new(backbone.as_ref(), reduction, config.init_from_backbone)?;
         let mut rng = Rng::new(seed);
         let (dtype, device) = (backbone.dtype(), backbone.device().clone());
-        let pruner = config
-            .init_from_backbone
-            .then(|| Pruner::new(&backbone, &side))
+        // Pruned initialisation copies the backbone's own blocks into the side network, which
+        // needs blocks of the side network's architecture.
+        let sources = if config.init_from_backbone {
+            Some(backbone.encoder_layers().ok_or_else(|| {
+                Error::Config {
+                    field: "spec.method.lst.initFromBackbone".into(),
+                    message: "pruned initialisation copies post-LayerNorm encoder blocks (BERT), \
+                          which this backbone does not have; set initFromBackbone: false"
+                        .into(),
+                }
+            })?)
+        } else {
+            None
+        };
+        let pruner = sources
+            .map(|layers| Pruner::new(layers, d, &device, &side))
             .transpose()?;
 
         let mut first_down = match &pruner {
@@ -65,17 +84,11 @@ impl Lst {
             let (ladder, block) = match &pruner {
                 Some(p) => (
                     p.selection_ladder(d, dtype, &device)?,
-                    p.pruned_layer(&backbone.layers[i])?,
+                    p.pruned_layer(&p.layers[i])?,
                 ),
                 None => (
                     random_linear(&mut rng, side.width, d, dtype, &device)?,
-                    random_layer(
-                        &mut rng,
-                        &side,
-                        backbone.config.layer_norm_eps,
-                        dtype,
-                        &device,
-                    )?,
+                    random_layer(&mut rng, &side, backbone.norm_eps(), dtype, &device)?,
                 ),
             };
             let alpha = Tensor::full(config.gate_init, 1, &device)?.to_dtype(dtype)?;
@@ -115,7 +128,14 @@ impl Lst {
                 params.push((format!("side.layer.{i}.{name}"), make_trainable(t)?));
             }
         }
-        let head = Head::new(side.width, num_labels, &backbone.embeddings.word, &mut rng)?;
+        let head = Head::new(
+            side.width,
+            num_labels,
+            backbone.pooling(),
+            dtype,
+            &device,
+            &mut rng,
+        )?;
         Ok(Self {
             backbone,
             first_down,
@@ -138,8 +158,9 @@ impl Method for Lst {
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let taps = self.backbone.forward_hidden(input_ids, attention_mask)?;
-        let bias = self.backbone.attention_bias(attention_mask)?;
+        let taps = self.backbone.taps(input_ids, attention_mask)?;
+        // The side blocks attend over every real token, whatever the backbone's own mask.
+        let bias = tape::attention_bias(attention_mask, self.backbone.dtype())?;
         let mut s = self.first_down.forward(&taps[0])?;
         for rung in &self.rungs {
             let down = rung.ladder.forward(&taps[rung.source])?;
@@ -223,23 +244,23 @@ struct SideShape {
 }
 
 impl SideShape {
-    fn new(backbone: &Bert, reduction: usize, from_backbone: bool) -> Result<Self> {
-        let c = &backbone.config;
-        let width = c.hidden_size / reduction;
+    fn new(backbone: &dyn Backbone, reduction: usize, from_backbone: bool) -> Result<Self> {
+        let heads = backbone.num_heads();
+        let width = backbone.hidden_size() / reduction;
         // LST keeps the head count; pruning needs it, a random side net takes the nearest divisor.
-        let heads = if width.is_multiple_of(c.num_attention_heads) {
-            c.num_attention_heads
+        let heads = if width.is_multiple_of(heads) {
+            heads
         } else if from_backbone {
             return Err(Error::Config {
                 field: "spec.method.lst.reduction".into(),
                 message: format!(
-                    "side width {width} is not divisible by the backbone's {} heads, which pruned \
-                     initialisation needs; pick another reduction or set initFromBackbone: false",
-                    c.num_attention_heads
+                    "side width {width} is not divisible by the backbone's {heads} heads, which \
+                     pruned initialisation needs; pick another reduction or set \
+                     initFromBackbone: false"
                 ),
             });
         } else {
-            (1..=c.num_attention_heads.min(width))
+            (1..=heads.min(width))
                 .rev()
                 .find(|h| width.is_multiple_of(*h))
                 .unwrap_or(1)
@@ -247,7 +268,7 @@ impl SideShape {
         Ok(Self {
             width,
             heads,
-            intermediate: (c.intermediate_size / reduction).max(1),
+            intermediate: (backbone.intermediate_size() / reduction).max(1),
         })
     }
 }
@@ -296,7 +317,9 @@ fn random_layer(
 ///
 /// One set of residual dimensions is kept for every layer (the largest LayerNorm gains summed over
 /// layers), so a side block reads the dimensions the previous one wrote.
-struct Pruner {
+struct Pruner<'a> {
+    /// The backbone's blocks the side blocks are pruned from.
+    layers: &'a [Layer],
     residual: Tensor,
     residual_dims: usize,
     head_dims: usize,
@@ -304,15 +327,16 @@ struct Pruner {
     intermediate: usize,
 }
 
-impl Pruner {
-    fn new(backbone: &Bert, side: &SideShape) -> Result<Self> {
-        let mut gain = Tensor::zeros(backbone.hidden_size(), DType::F32, backbone.device())?;
-        for layer in &backbone.layers {
+impl<'a> Pruner<'a> {
+    fn new(layers: &'a [Layer], d: usize, device: &Device, side: &SideShape) -> Result<Self> {
+        let mut gain = Tensor::zeros(d, DType::F32, device)?;
+        for layer in layers {
             for n in [&layer.attention_norm, &layer.output_norm] {
                 gain = (gain + n.weight.to_dtype(DType::F32)?.abs()?)?;
             }
         }
         Ok(Self {
+            layers,
             residual: top_k(&gain, side.width)?,
             residual_dims: side.width,
             head_dims: side.width / side.heads,

@@ -1,5 +1,7 @@
 //! Fine-tuning methods: each file turns a frozen backbone into trainable parameters and a forward
-//! that builds only the graph its backward needs. This file holds the small trait they share.
+//! that builds only the graph its backward needs. This file holds the small trait they share and
+//! the registry that maps each API method to its file. Methods see the backbone only through
+//! [`Backbone`], so each runs on BERT and Llama alike.
 
 pub mod backbone_tuning;
 pub mod head;
@@ -8,9 +10,10 @@ pub mod lora;
 pub mod lst;
 
 use candle_core::{Tensor, Var};
-use petl_crds::MethodConfig;
+use petl_crds::{MethodConfig, MethodType};
 
 use crate::Result;
+use crate::models::Backbone;
 use crate::models::bert::Bert;
 use crate::tape::StepSeed;
 pub use backbone_tuning::{BackboneTuning, Selection};
@@ -48,32 +51,46 @@ pub trait Method: Send {
     }
 }
 
-/// Builds the method `config` names on a BERT backbone with a `num_labels`-way classification head.
+/// The registry: one line a method, from its `MethodType` (the API's table in `petl_crds`) to the
+/// function in its file that builds it from its settings, a backbone, the number of labels and
+/// a seed. The `match` it generates is exhaustive, so a method added to the API without a line
+/// here does not compile.
+macro_rules! registry {
+    ($($variant:ident => $build:path),+ $(,)?) => {
+        /// The methods the trainer builds, in registry order.
+        pub const REGISTERED: &[MethodType] = &[$(MethodType::$variant),+];
+
+        /// Builds the method `config` names on `backbone` with a `num_labels`-way
+        /// classification head.
+        pub fn build(
+            config: &MethodConfig,
+            backbone: Box<dyn Backbone>,
+            num_labels: usize,
+            seed: u64,
+        ) -> Result<Box<dyn Method>> {
+            Ok(match config {
+                $(MethodConfig::$variant(c) => Box::new($build(c, backbone, num_labels, seed)?),)+
+            })
+        }
+    };
+}
+
+registry! {
+    Full => backbone_tuning::full,
+    Lora => lora::Lora::new,
+    Bitfit => backbone_tuning::bitfit,
+    Lst => lst::Lst::new,
+    Head => linear_probe::LinearProbe::new,
+}
+
+/// Builds the method `config` names on a BERT backbone ([`build`] with a boxed [`Bert`]).
 pub fn for_bert(
     config: &MethodConfig,
     backbone: Bert,
     num_labels: usize,
     seed: u64,
 ) -> Result<Box<dyn Method>> {
-    Ok(match config {
-        MethodConfig::Full(_) => Box::new(BackboneTuning::new(
-            backbone,
-            Selection::All,
-            num_labels,
-            seed,
-        )?),
-        MethodConfig::Lora(c) => Box::new(lora::Lora::new(backbone, c, num_labels, seed)?),
-        MethodConfig::Bitfit(_) => Box::new(BackboneTuning::new(
-            backbone,
-            Selection::Biases,
-            num_labels,
-            seed,
-        )?),
-        MethodConfig::Lst(c) => Box::new(lst::Lst::new(backbone, c, num_labels, seed)?),
-        MethodConfig::Head(_) => {
-            Box::new(linear_probe::LinearProbe::new(backbone, num_labels, seed)?)
-        }
-    })
+    build(config, Box::new(backbone), num_labels, seed)
 }
 
 /// Makes `t` trainable: a `Var` copy replaces it in the model, and the `Var` is returned.

@@ -11,6 +11,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::models::backbone::{Backbone, LoraSite, Pooling};
 use crate::tape::{self, Activation, LayerNorm, Linear};
 use crate::{Error, Result};
 
@@ -429,6 +430,66 @@ impl Bert {
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum()
+    }
+}
+
+/// BERT as methods see it: mean pooling (what sentence-transformers checkpoints such as MiniLM
+/// are trained for), its six linears per layer for LoRA, every tensor for full fine-tuning and
+/// BitFit, and its post-LayerNorm blocks for LST's pruned side network.
+impl Backbone for Bert {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn num_heads(&self) -> usize {
+        self.config.num_attention_heads
+    }
+
+    fn intermediate_size(&self) -> usize {
+        self.config.intermediate_size
+    }
+
+    fn norm_eps(&self) -> f64 {
+        self.config.layer_norm_eps
+    }
+
+    fn dtype(&self) -> DType {
+        Bert::dtype(self)
+    }
+
+    fn device(&self) -> &Device {
+        Bert::device(self)
+    }
+
+    fn taps(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<Tensor>> {
+        self.forward_hidden(input_ids, attention_mask)
+    }
+
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        Bert::forward(self, input_ids, attention_mask)
+    }
+
+    fn pooling(&self) -> Pooling {
+        Pooling::Mean
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut dyn LoraSite)> {
+        Bert::linears_mut(self)
+            .into_iter()
+            .map(|(path, l)| (path, l as &mut dyn LoraSite))
+            .collect()
+    }
+
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        Bert::parameters_mut(self)
+    }
+
+    fn encoder_layers(&self) -> Option<&[Layer]> {
+        Some(&self.layers)
     }
 }
 

@@ -1,6 +1,9 @@
 //! Backbones the trainer can fine-tune, each defined on `tape` so it exposes taps and injection
-//! points and owns its backward. One file a model family.
+//! points and owns its backward. One file a model family; `backbone` is the trait methods see.
 
+pub mod backbone;
 pub mod bert;
 pub mod gguf;
 pub mod llama;
+
+pub use backbone::{Backbone, LoraSite, Pooling};

@@ -105,7 +105,12 @@ pub fn train(
     let backbone = Bert::load(&sources.model_dir, dtype, &device)?;
     let config = TrainConfig::from_spec(&spec.training);
     let method_config = spec.method.config();
-    let method = methods::for_bert(&method_config, backbone, dataset.num_labels, config.seed)?;
+    let method = methods::build(
+        &method_config,
+        Box::new(backbone),
+        dataset.num_labels,
+        config.seed,
+    )?;
     let batch_size = usize::try_from(spec.training.batch_size).unwrap_or(0);
     let batches = RankBatches {
         batcher: Batcher::new(

@@ -1,0 +1,154 @@
+//! What a method sees of a pretrained model: its shape, its taps (the hidden state after every
+//! layer, from a forward that builds no graph), the forward a classifier reads and how it is
+//! pooled, and the tensors and linears a method may make trainable. Methods are written against
+//! this trait, so each runs on every backbone that implements it.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::models::bert;
+use crate::tape::{self, LoraDelta};
+use crate::{Error, Result};
+
+/// A frozen pretrained model, as fine-tuning methods use it.
+///
+/// Inputs are token ids `(B, T)` and a 0/1 attention mask `(B, T)` whose real tokens come first
+/// in every row (right padding, as `data::Batch` pads).
+pub trait Backbone: Send {
+    /// Width `d` of the hidden states.
+    fn hidden_size(&self) -> usize;
+
+    /// Number of blocks `L`; [`Backbone::taps`] returns `L + 1` states.
+    fn num_layers(&self) -> usize;
+
+    /// Attention heads per block (a side network keeps the count when its width allows).
+    fn num_heads(&self) -> usize;
+
+    /// Width of a block's MLP.
+    fn intermediate_size(&self) -> usize;
+
+    /// The ε of the backbone's normalisation layers (side networks reuse it).
+    fn norm_eps(&self) -> f64;
+
+    /// The dtype trainable tensors are created in.
+    fn dtype(&self) -> DType;
+
+    fn device(&self) -> &Device;
+
+    /// The `L + 1` hidden states `(B, T, d)`: the embeddings' output, then each block's output.
+    /// Built without a graph (each state detached): what side networks and ladders read.
+    fn taps(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<Tensor>>;
+
+    /// The final hidden states `(B, T, d)` a classifier reads (after the final norm where the
+    /// architecture has one), tracked wherever something in the backbone trains.
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+
+    /// How a classifier reduces [`Backbone::forward`]'s sequence to one vector per example.
+    fn pooling(&self) -> Pooling;
+
+    /// Every linear LoRA may adapt, under its PEFT module path
+    /// (`encoder.layer.0.attention.self.query`, `model.layers.0.self_attn.q_proj`).
+    fn linears_mut(&mut self) -> Vec<(String, &mut dyn LoraSite)>;
+
+    /// Every tensor a method may make trainable, under its checkpoint name. Tensors that cannot
+    /// train (block-quantized weights) are not in it; [`Backbone::frozen_only`] names them.
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+
+    /// Checkpoint names of the tensors that can never train here (block-quantized weights).
+    fn frozen_only(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The blocks, when they are post-LayerNorm encoder blocks of the architecture side networks
+    /// are built from ([`bert::Layer`]): LST's pruned initialisation copies from them. `None`
+    /// for other architectures.
+    fn encoder_layers(&self) -> Option<&[bert::Layer]> {
+        None
+    }
+
+    /// The distinct last components of [`Backbone::linears_mut`]'s paths: the names LoRA's
+    /// `targetModules` can match (for messages).
+    fn linear_names(&mut self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for (path, _) in self.linears_mut() {
+            let leaf = path.rsplit('.').next().unwrap_or(&path).to_string();
+            if !names.contains(&leaf) {
+                names.push(leaf);
+            }
+        }
+        names
+    }
+}
+
+/// A linear layer a LoRA update can be attached to.
+pub trait LoraSite {
+    fn in_features(&self) -> usize;
+    fn out_features(&self) -> usize;
+    /// Attaches `delta` beside the frozen weight; the forward adds it from then on.
+    fn set_lora(&mut self, delta: LoraDelta);
+}
+
+impl LoraSite for tape::Linear {
+    fn in_features(&self) -> usize {
+        tape::Linear::in_features(self)
+    }
+    fn out_features(&self) -> usize {
+        tape::Linear::out_features(self)
+    }
+    fn set_lora(&mut self, delta: LoraDelta) {
+        self.lora = Some(delta);
+    }
+}
+
+/// How a classifier reduces hidden states `(B, T, d)` to one vector per example `(B, d)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// The mean over real tokens: what sentence-transformers encoders (MiniLM) are trained for.
+    Mean,
+    /// The last real token: in a causal decoder the only position that has read the whole
+    /// input (what Hugging Face's `LlamaForSequenceClassification` reads).
+    LastToken,
+}
+
+impl Pooling {
+    /// `h` `(B, T, d)`, `attention_mask` `(B, T)` → `(B, d)`, tracked when `h` is.
+    pub fn apply(self, h: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Mean => tape::mean_pool(h, attention_mask),
+            Self::LastToken => last_token(h, attention_mask),
+        }
+    }
+
+    /// The name written into an adapter's head description.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mean => "mean",
+            Self::LastToken => "last_token",
+        }
+    }
+}
+
+/// The hidden state of each row's last real token, as one node whose backward scatters the
+/// gradient back to that position (it saves only the row indices).
+fn last_token(h: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = h.dims3()?;
+    let lengths = attention_mask
+        .to_dtype(DType::F32)?
+        .sum(1)?
+        .to_vec1::<f32>()?;
+    let mut rows = Vec::with_capacity(b);
+    for (i, n) in lengths.into_iter().enumerate() {
+        if n < 1.0 {
+            return Err(Error::Config {
+                field: "dataset".into(),
+                message: format!("example {i} of the batch has no real token to classify"),
+            });
+        }
+        rows.push((i * t + n as usize - 1) as u32);
+    }
+    let rows = Tensor::from_vec(rows, b, h.device())?;
+    let value = h.detach().reshape((b * t, d))?.index_select(&rows, 0)?;
+    tape::attach(&[h], value, move |g| {
+        let full = Tensor::zeros((b * t, d), g.dtype(), g.device())?.index_add(&rows, g, 0)?;
+        Ok(vec![Some(full.reshape((b, t, d))?)])
+    })
+}
