@@ -4,3 +4,6 @@
 pub mod bert;
 pub mod gguf;
 pub mod llama;
+pub mod onnx;
+pub mod vit;
+mod vit_onnx;
