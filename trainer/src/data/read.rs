@@ -69,7 +69,7 @@ pub fn format_from_extension(path: &Path) -> Result<Format> {
     }
 }
 
-fn open_decompressed(path: &Path) -> Result<Box<dyn Read>> {
+pub(super) fn open_decompressed(path: &Path) -> Result<Box<dyn Read>> {
     let file = File::open(path).map_err(|source| Error::Io {
         path: path.display().to_string(),
         source,

@@ -5,6 +5,7 @@
 
 pub mod backbone_tuning;
 pub mod head;
+pub mod image_probe;
 pub mod linear_probe;
 pub mod lora;
 pub mod lst;

@@ -5,5 +5,8 @@ pub mod backbone;
 pub mod bert;
 pub mod gguf;
 pub mod llama;
+pub mod onnx;
+pub mod vit;
+mod vit_onnx;
 
 pub use backbone::{Backbone, LoraSite, Pooling};

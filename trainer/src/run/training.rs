@@ -97,12 +97,7 @@ pub fn train(
         });
     }
     let device = crate::device::open(options.device)?;
-    let dtype = match spec.model.dtype {
-        ModelDtype::F32 => DType::F32,
-        ModelDtype::Bf16 => DType::BF16,
-        ModelDtype::F16 => DType::F16,
-    };
-    let backbone = Bert::load(&sources.model_dir, dtype, &device)?;
+    let backbone = Bert::load(&sources.model_dir, model_dtype(spec), &device)?;
     let config = TrainConfig::from_spec(&spec.training);
     let method_config = spec.method.config();
     let method = methods::build(
@@ -125,6 +120,30 @@ pub fn train(
         device: device.clone(),
     };
     let validation = validation_batches(dataset, batch_size, &device)?;
+    drive(spec, options, method, &batches, &validation, metrics)
+}
+
+/// The dtype `spec.model.dtype` asks the frozen backbone to be held in.
+pub(super) fn model_dtype(spec: &PetlJobSpec) -> DType {
+    match spec.model.dtype {
+        ModelDtype::F32 => DType::F32,
+        ModelDtype::Bf16 => DType::BF16,
+        ModelDtype::F16 => DType::F16,
+    }
+}
+
+/// Trains `method` on this rank's `batches` (whatever the backbone and data), joining the ranks,
+/// restoring and snapshotting, and returns what publishing needs.
+pub(super) fn drive(
+    spec: &PetlJobSpec,
+    options: &RunOptions,
+    method: Box<dyn methods::Method>,
+    batches: &dyn Batches,
+    validation: &[Batch],
+    metrics: &TrainerMetrics,
+) -> Result<(Trained, Trainer)> {
+    let config = TrainConfig::from_spec(&spec.training);
+    let method_config = spec.method.config();
     let per_epoch = batches.batches_per_epoch();
     let total_steps = config.total_steps(per_epoch);
     let every_steps = u64::try_from(spec.snapshot.every_steps).unwrap_or(1);
@@ -178,7 +197,7 @@ pub fn train(
     }
     let mut recoveries_left = MAX_RECOVERIES;
     let report = loop {
-        match trainer.fit(&batches, &validation, &mut observer) {
+        match trainer.fit(batches, validation, &mut observer) {
             Ok(report) => break report,
             Err(Error::Collective(e)) if e.is_peer_lost() && recoveries_left > 0 => {
                 let noticed = Instant::now();
