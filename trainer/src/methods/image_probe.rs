@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor, Var};
 use super::{Method, head::Head};
 use crate::Result;
 use crate::init::Rng;
+use crate::models::Pooling;
 use crate::models::vit::Vit;
 
 /// The frozen ViT under a trainable classification head.
@@ -21,8 +22,14 @@ pub struct ImageProbe {
 impl ImageProbe {
     pub fn new(backbone: Vit, num_labels: usize, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed);
-        let like = Tensor::zeros(1, DType::F32, backbone.device())?;
-        let head = Head::new(backbone.hidden_size(), num_labels, &like, &mut rng)?;
+        let head = Head::new(
+            backbone.hidden_size(),
+            num_labels,
+            Pooling::Mean,
+            DType::F32,
+            backbone.device(),
+            &mut rng,
+        )?;
         Ok(Self { backbone, head })
     }
 }
