@@ -175,8 +175,14 @@ fn calls_with_sizes_the_ranks_disagree_on_fail_on_every_rank() {
 
 fn formation_errors(secrets: [&[u8]; 2], jobs: [&str; 2]) -> Vec<CollectiveError> {
     let (listeners, peers) = listeners(2);
+    // The rank that detects the mismatch fails at once; the other one, which may only have
+    // been refused, waits out its deadline (a stranger must not end its formation).
     let configs = (0..2)
-        .map(|r| config(r, &peers, jobs[r], secrets[r]))
+        .map(|r| {
+            let mut c = config(r, &peers, jobs[r], secrets[r]);
+            c.connect_deadline = Duration::from_secs(3);
+            c
+        })
         .collect();
     run_group(listeners, configs, |_, group| group.unwrap_err())
 }

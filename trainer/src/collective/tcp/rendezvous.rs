@@ -87,7 +87,17 @@ pub(crate) fn form(config: &TcpConfig, listener: TcpListener) -> Result<Ring> {
         if let Stop::Error(error) = outcome {
             stop.store(true, Ordering::SeqCst);
             let mut first = first.lock().unwrap_or_else(|p| p.into_inner());
-            first.get_or_insert(error);
+            // A refusal says more than a deadline: it names why the ring could not close.
+            let refusal_after_deadline = matches!(
+                (&*first, &error),
+                (
+                    Some(CollectiveError::PeerUnreachable { .. }),
+                    CollectiveError::Auth { .. }
+                )
+            );
+            if first.is_none() || refusal_after_deadline {
+                *first = Some(error);
+            }
         }
     };
     let (dialled, accepted) = std::thread::scope(|scope| {
@@ -248,7 +258,7 @@ fn accept(
     let mut refused: Option<CollectiveError> = None;
     loop {
         if stop.load(Ordering::SeqCst) {
-            return Err(Stop::Cancelled);
+            return Err(refused.map_or(Stop::Cancelled, Stop::Error));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
