@@ -152,10 +152,10 @@ fn recovery(petl: &Path, args: &Args) -> Result<()> {
             let w = run(petl, &j, flags, &[])?;
             let state = state_mib(&w, 2);
             let step = w.steady_step();
-            let (next, back) = w.lost().context("no fault seen")?;
+            let back = w.lost(args.kill_step).context("no fault seen")?;
             let record = w.manifest.recoveries.last();
             println!(
-                "  {case:40} state {state:6.1} MiB/rank  step {step:.3} s  kill→next step {next:6.2} s  kill→past step {}: {back:6.2} s  tiers {:?}  restored {:?}",
+                "  {case:40} state {state:6.1} MiB/rank  step {step:.3} s  kill→past step {}: {back:6.2} s  tiers {:?}  restored {:?}",
                 args.kill_step,
                 record.map(|r| r.tiers.clone()),
                 record.map(|r| r.restored_generation),

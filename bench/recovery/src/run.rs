@@ -89,23 +89,18 @@ impl Watched {
         gaps.get(gaps.len() / 2).copied().unwrap_or(f64::NAN)
     }
 
-    /// From the first fault to the first step completed after it, and to the job being past the
-    /// step it had reached when the fault struck (recomputation included).
-    pub fn lost(&self) -> Option<(f64, f64)> {
+    /// From the first fault to the first step past `kill_step` completed after the last fault
+    /// (recomputation included). Faults injected at one step on several ranks strike one after
+    /// the other, and a rank not yet killed may still log the kill step in between; no rank can
+    /// complete a later step before the killed ones are back, so that line marks recovery.
+    pub fn lost(&self, kill_step: u64) -> Option<f64> {
         let fault = *self.faults.first()?;
-        let reached = self
-            .steps
-            .iter()
-            .filter(|(_, at)| *at <= fault)
-            .map(|(s, _)| *s)
-            .max()
-            .unwrap_or(0);
-        let next = self.steps.iter().find(|(_, at)| *at > fault)?.1;
+        let last = *self.faults.last()?;
         let past = self
             .steps
             .iter()
-            .find(|(s, at)| *at > fault && *s > reached)?
+            .find(|(s, at)| *at > last && *s > kill_step)?
             .1;
-        Some((next - fault, past - fault))
+        Some(past - fault)
     }
 }
