@@ -173,12 +173,12 @@ impl Store {
     /// Keeps the own copies an agreement may still pick (see `KEEP_COMMITTED`, `KEEP_HANDOFFS`
     /// and `MAX_OWN_COPIES`); the rest go.
     fn prune_own(&mut self) {
-        let mut committed: BTreeMap<u64, bool> =
-            self.own.iter().map(|(&g, c)| (g, c.committed)).collect();
-        prune(&mut committed);
-        let mut keep: BTreeSet<u64> = committed
+        let mut keep: BTreeSet<u64> = self
+            .own
             .iter()
-            .filter(|(_, c)| **c)
+            .rev()
+            .filter(|(_, c)| c.committed)
+            .take(KEEP_COMMITTED)
             .map(|(&g, _)| g)
             .collect();
         keep.extend(self.own.keys().rev().take(KEEP_HANDOFFS));
@@ -219,39 +219,24 @@ impl Store {
     }
 }
 
-/// Keeps the newest `KEEP_COMMITTED` committed generations and pending ones newer than them.
-fn prune<V: Committed>(by_generation: &mut BTreeMap<u64, V>) {
+/// Keeps the newest `KEEP_COMMITTED` committed generations (value `true`) and pending ones newer
+/// than them.
+fn prune(by_generation: &mut BTreeMap<u64, bool>) {
     let committed: Vec<u64> = by_generation
         .iter()
         .rev()
-        .filter(|(_, v)| v.committed())
+        .filter(|(_, c)| **c)
         .map(|(&g, _)| g)
         .collect();
     let newest = committed.first().copied();
     let oldest_kept = committed.get(KEEP_COMMITTED - 1).copied();
-    by_generation.retain(|&g, v| {
-        if v.committed() {
+    by_generation.retain(|&g, is_committed| {
+        if *is_committed {
             oldest_kept.is_none_or(|o| g >= o)
         } else {
             newest.is_none_or(|n| g > n)
         }
     });
-}
-
-trait Committed {
-    fn committed(&self) -> bool;
-}
-
-impl Committed for OwnCopy {
-    fn committed(&self) -> bool {
-        self.committed
-    }
-}
-
-impl Committed for bool {
-    fn committed(&self) -> bool {
-        *self
-    }
 }
 
 #[cfg(test)]
