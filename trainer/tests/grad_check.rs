@@ -6,6 +6,7 @@ use petl_crds::{LoraConfig, LstConfig, MethodConfig};
 use petl_trainer::init::Rng;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::bert::{Bert, Config};
+use petl_trainer::models::vit::{self, Vit};
 use petl_trainer::tape::{self, Activation, Dropout, LayerNorm, Linear, LoraDelta};
 
 const EPS: f64 = 1e-6;
@@ -221,12 +222,16 @@ fn tiny_batch() -> (Tensor, Tensor, Tensor) {
 
 fn check_method(method: &dyn Method) {
     let (ids, mask, labels) = tiny_batch();
+    check_method_on(method, &ids, &mask, &labels);
+}
+
+fn check_method_on(method: &dyn Method, input: &Tensor, mask: &Tensor, labels: &Tensor) {
     let params = method.parameters();
     assert!(!params.is_empty());
     let named: Vec<(&str, &Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     check(&named, &|| {
-        let logits = method.forward(&ids, &mask).unwrap();
-        tape::cross_entropy(&logits, &labels, None).unwrap()
+        let logits = method.forward(input, mask).unwrap();
+        tape::cross_entropy(&logits, labels, None).unwrap()
     });
 }
 
@@ -343,5 +348,69 @@ fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
                 "{config:?} {name}: relative difference {worst}"
             );
         }
+    }
+}
+
+/// A two-block ViT on 8×8 images in 4-pixel patches (four patch tokens and [CLS]), and a batch of
+/// two such images in place of token ids.
+fn tiny_vit_and_images() -> (Vit, Tensor, Tensor, Tensor) {
+    let config = vit::Config::with_shape(16, 2, 4, 4, 8);
+    let vit = Vit::random(config, 11, DType::F64, &Device::Cpu).unwrap();
+    let pixels = rand(&mut Rng::new(5), &[2, 3, 8, 8], 1.0);
+    let mask = Tensor::ones((2, 1), DType::U32, &Device::Cpu).unwrap();
+    let labels = Tensor::from_vec(vec![1u32, 2], 2, &Device::Cpu).unwrap();
+    (vit, pixels, mask, labels)
+}
+
+/// The methods written against `Backbone` run on the ViT unchanged, with pixels in place of ids.
+#[test]
+fn every_method_on_the_vit_matches_finite_differences() {
+    let configs = [
+        MethodConfig::Head(Default::default()),
+        MethodConfig::Full(Default::default()),
+        MethodConfig::Bitfit(Default::default()),
+        MethodConfig::Lora(LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: vec!["query".into(), "value".into(), "fc1".into()],
+        }),
+        MethodConfig::Lst(LstConfig {
+            reduction: 2,
+            layers: None,
+            gate_init: 0.3,
+            init_from_backbone: false,
+        }),
+    ];
+    for config in &configs {
+        let (vit, pixels, mask, labels) = tiny_vit_and_images();
+        let m = methods::build(config, Box::new(vit), 3, 1).unwrap();
+        let mut rng = Rng::new(3);
+        for (name, v) in m.parameters() {
+            if name.ends_with("lora_B.weight") {
+                v.set(&rand(&mut rng, v.dims(), 0.5)).unwrap();
+            }
+        }
+        check_method_on(m.as_ref(), &pixels, &mask, &labels);
+    }
+}
+
+/// LST's pruned initialisation copies post-LayerNorm encoder blocks; the ViT's are pre-norm, so
+/// asking for it names the setting to change instead of building something else.
+#[test]
+fn lst_pruned_init_on_the_vit_is_refused_naming_the_setting() {
+    let (vit, ..) = tiny_vit_and_images();
+    let config = MethodConfig::Lst(LstConfig {
+        reduction: 2,
+        layers: None,
+        gate_init: 0.3,
+        init_from_backbone: true,
+    });
+    match methods::build(&config, Box::new(vit), 3, 1) {
+        Err(petl_trainer::Error::Config { field, .. }) => {
+            assert_eq!(field, "spec.method.lst.initFromBackbone")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("pruned init on a ViT was accepted"),
     }
 }

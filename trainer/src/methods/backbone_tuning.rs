@@ -129,7 +129,7 @@ impl Method for BackboneTuning {
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let h = self.backbone.forward(input_ids, attention_mask)?;
-        self.head.forward(&h, attention_mask)
+        self.head
+            .classify(self.backbone.as_ref(), input_ids, attention_mask)
     }
 }

@@ -54,6 +54,18 @@ impl Head {
         self.linear.forward(&self.pooling.apply(h, attention_mask)?)
     }
 
+    /// Logits from `backbone`'s final states for `input`, pooled over the positions its
+    /// [`Backbone::token_mask`] marks real.
+    pub fn classify(
+        &self,
+        backbone: &dyn Backbone,
+        input: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let h = backbone.forward(input, attention_mask)?;
+        self.forward(&h, &backbone.token_mask(input, attention_mask)?)
+    }
+
     pub fn parameters(&self) -> Vec<(String, Var)> {
         vec![
             ("classifier.weight".into(), self.weight.clone()),

@@ -39,7 +39,7 @@ impl Method for LinearProbe {
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         // Nothing in the backbone is a `Var`, so its forward builds no graph and keeps nothing.
-        let h = self.backbone.forward(input_ids, attention_mask)?;
-        self.head.forward(&h, attention_mask)
+        self.head
+            .classify(self.backbone.as_ref(), input_ids, attention_mask)
     }
 }

@@ -103,8 +103,8 @@ impl Method for Lora {
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let h = self.backbone.forward(input_ids, attention_mask)?;
-        self.head.forward(&h, attention_mask)
+        self.head
+            .classify(self.backbone.as_ref(), input_ids, attention_mask)
     }
 
     fn set_training(&self, training: bool) {

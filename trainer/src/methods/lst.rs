@@ -159,8 +159,9 @@ impl Method for Lst {
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let taps = self.backbone.taps(input_ids, attention_mask)?;
-        // The side blocks attend over every real token, whatever the backbone's own mask.
-        let bias = tape::attention_bias(attention_mask, self.backbone.dtype())?;
+        // The side blocks attend over every real position, whatever the backbone's own mask.
+        let mask = self.backbone.token_mask(input_ids, attention_mask)?;
+        let bias = tape::attention_bias(&mask, self.backbone.dtype())?;
         let mut s = self.first_down.forward(&taps[0])?;
         for rung in &self.rungs {
             let down = rung.ladder.forward(&taps[rung.source])?;
@@ -168,7 +169,7 @@ impl Method for Lst {
             s = rung.block.forward(&s, &bias)?;
         }
         drop(taps);
-        self.head.forward(&s, attention_mask)
+        self.head.forward(&s, &mask)
     }
 }
 

@@ -1,11 +1,10 @@
 //! Fine-tuning methods: each file turns a frozen backbone into trainable parameters and a forward
 //! that builds only the graph its backward needs. This file holds the small trait they share and
 //! the registry that maps each API method to its file. Methods see the backbone only through
-//! [`Backbone`], so each runs on BERT and Llama alike.
+//! [`Backbone`], so each runs on BERT, Llama and the ViT alike.
 
 pub mod backbone_tuning;
 pub mod head;
-pub mod image_probe;
 pub mod linear_probe;
 pub mod lora;
 pub mod lst;

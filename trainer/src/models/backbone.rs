@@ -12,7 +12,10 @@ use crate::{Error, Result};
 /// A frozen pretrained model, as fine-tuning methods use it.
 ///
 /// Inputs are token ids `(B, T)` and a 0/1 attention mask `(B, T)` whose real tokens come first
-/// in every row (right padding, as `data::Batch` pads).
+/// in every row (right padding, as `data::Batch` pads); a vision backbone takes normalised pixels
+/// `(B, C, H, W)` in place of the ids (as `data::image::ImageBatches` carries them) and does not
+/// read the mask. Methods pool and attend with [`Backbone::token_mask`], never with the input's
+/// mask directly.
 pub trait Backbone: Send {
     /// Width `d` of the hidden states.
     fn hidden_size(&self) -> usize;
@@ -44,6 +47,14 @@ pub trait Backbone: Send {
 
     /// How a classifier reduces [`Backbone::forward`]'s sequence to one vector per example.
     fn pooling(&self) -> Pooling;
+
+    /// The 0/1 mask `(B, T)` over the positions of the states [`Backbone::taps`] and
+    /// [`Backbone::forward`] return: what heads pool over and side networks attend to. A text
+    /// backbone's states are its tokens, so this is the input's mask; a ViT's are [CLS] and the
+    /// patch tokens, all real.
+    fn token_mask(&self, _input: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        Ok(attention_mask.clone())
+    }
 
     /// Every linear LoRA may adapt, under its PEFT module path
     /// (`encoder.layer.0.attention.self.query`, `model.layers.0.self_attn.q_proj`).

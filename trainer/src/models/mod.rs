@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod llama;
 pub mod onnx;
 pub mod vit;
+mod vit_backbone;
 mod vit_onnx;
 
 pub use backbone::{Backbone, LoraSite, Pooling};

@@ -191,16 +191,42 @@ impl Layer {
 
     /// The block's linears under their checkpoint module names, relative to the block.
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![
-            ("attention.attention.query", &mut self.query),
-            ("attention.attention.key", &mut self.key),
-            ("attention.attention.value", &mut self.value),
-            ("attention.output.dense", &mut self.attention_output),
-            ("mlp.fc1", &mut self.fc1),
-            ("mlp.fc2", &mut self.fc2),
-        ]
+        self.parts_mut().0
+    }
+
+    /// The block's linears (named as in [`Layer::linears_mut`]), its two norms and its two
+    /// layer-scale vectors, borrowed at once.
+    fn parts_mut(&mut self) -> BlockParts<'_> {
+        let Self {
+            norm1,
+            query,
+            key,
+            value,
+            attention_output,
+            layer_scale1,
+            norm2,
+            fc1,
+            fc2,
+            layer_scale2,
+            heads: _,
+        } = self;
+        let linears = vec![
+            ("attention.attention.query", query),
+            ("attention.attention.key", key),
+            ("attention.attention.value", value),
+            ("attention.output.dense", attention_output),
+            ("mlp.fc1", fc1),
+            ("mlp.fc2", fc2),
+        ];
+        (linears, [norm1, norm2], [layer_scale1, layer_scale2])
     }
 }
+
+type BlockParts<'a> = (
+    Vec<(&'static str, &'a mut Linear)>,
+    [&'a mut LayerNorm; 2],
+    [&'a mut Tensor; 2],
+);
 
 /// Which summary of the last hidden state a head reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -370,34 +396,52 @@ impl Vit {
         })
     }
 
-    /// Calls `f` on every tensor under its checkpoint name, with its role: the one place the
-    /// names are written.
-    pub fn visit(&mut self, f: &mut Visitor) -> Result<()> {
+    /// Every tensor under its checkpoint name, with its role: the one place the names are
+    /// written.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor, Role)> {
+        let mut out = Vec::new();
         let e = &mut self.embeddings;
-        visit_linear(f, "embeddings.patch_embeddings.projection", &mut e.patch)?;
-        f("embeddings.cls_token", &mut e.cls_token, Role::Weight)?;
-        f(
-            "embeddings.position_embeddings",
+        push_linear(
+            &mut out,
+            "embeddings.patch_embeddings.projection",
+            &mut e.patch,
+        );
+        out.push((
+            "embeddings.cls_token".into(),
+            &mut e.cls_token,
+            Role::Weight,
+        ));
+        out.push((
+            "embeddings.position_embeddings".into(),
             &mut e.position,
             Role::Weight,
-        )?;
+        ));
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("encoder.layer.{i}");
-            for (name, l) in layer.linears_mut() {
-                visit_linear(f, &format!("{p}.{name}"), l)?;
+            let (linears, [norm1, norm2], scales) = layer.parts_mut();
+            for (name, l) in linears {
+                push_linear(&mut out, &format!("{p}.{name}"), l);
             }
-            visit_norm(f, &format!("{p}.norm1"), &mut layer.norm1)?;
-            visit_norm(f, &format!("{p}.norm2"), &mut layer.norm2)?;
-            let scales = [&mut layer.layer_scale1, &mut layer.layer_scale2];
+            push_norm(&mut out, &format!("{p}.norm1"), norm1);
+            push_norm(&mut out, &format!("{p}.norm2"), norm2);
             for (k, t) in scales.into_iter().enumerate() {
-                f(
-                    &format!("{p}.layer_scale{}.lambda1", k + 1),
+                out.push((
+                    format!("{p}.layer_scale{}.lambda1", k + 1),
                     t,
                     Role::LayerScale,
-                )?;
+                ));
             }
         }
-        visit_norm(f, "layernorm", &mut self.layernorm)
+        push_norm(&mut out, "layernorm", &mut self.layernorm);
+        out
+    }
+
+    /// Calls `f` on every tensor of [`Vit::tensors_mut`].
+    pub fn visit(&mut self, f: &mut Visitor) -> Result<()> {
+        for (name, t, role) in self.tensors_mut() {
+            f(&name, t, role)?;
+        }
+        Ok(())
     }
 
     /// Every tensor under its checkpoint name (handles to the model's tensors, not copies).
@@ -558,17 +602,18 @@ impl Vit {
 
 type Visitor<'a> = dyn FnMut(&str, &mut Tensor, Role) -> Result<()> + 'a;
 
-fn visit_linear(f: &mut Visitor, name: &str, l: &mut Linear) -> Result<()> {
-    f(&format!("{name}.weight"), &mut l.weight, Role::Weight)?;
-    match l.bias.as_mut() {
-        Some(b) => f(&format!("{name}.bias"), b, Role::Bias),
-        None => Ok(()),
+type Entry<'a> = (String, &'a mut Tensor, Role);
+
+fn push_linear<'a>(out: &mut Vec<Entry<'a>>, name: &str, l: &'a mut Linear) {
+    out.push((format!("{name}.weight"), &mut l.weight, Role::Weight));
+    if let Some(b) = l.bias.as_mut() {
+        out.push((format!("{name}.bias"), b, Role::Bias));
     }
 }
 
-fn visit_norm(f: &mut Visitor, name: &str, n: &mut LayerNorm) -> Result<()> {
-    f(&format!("{name}.weight"), &mut n.weight, Role::Gain)?;
-    f(&format!("{name}.bias"), &mut n.bias, Role::Bias)
+fn push_norm<'a>(out: &mut Vec<Entry<'a>>, name: &str, n: &'a mut LayerNorm) {
+    out.push((format!("{name}.weight"), &mut n.weight, Role::Gain));
+    out.push((format!("{name}.bias"), &mut n.bias, Role::Bias));
 }
 
 /// The `(output, input)` matrix of 1-D bicubic resampling (Keys, a = −0.75) with half-pixel

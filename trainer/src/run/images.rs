@@ -1,10 +1,10 @@
 //! `petl run` for image-classification jobs: resolves the vision backbone and the image data,
 //! then trains through the same loop, ranks, snapshots and publishing as text jobs. The backbone
-//! is `models::vit`; the method is the linear probe (`head`) for now.
+//! is `models::vit`, as a `Backbone`, so every registered method runs on it.
 
 use std::path::PathBuf;
 
-use petl_crds::{DatasetFormat, ImageSpec, MethodType, ModelFormat, PetlJobSpec};
+use petl_crds::{DatasetFormat, ImageSpec, ModelFormat, PetlJobSpec};
 
 use super::training::{Trained, drive, model_dtype};
 use super::{RunOptions, positive};
@@ -13,7 +13,7 @@ use crate::data::image::{
     validation_batches,
 };
 use crate::data::{UnknownLabels, Validation};
-use crate::methods::image_probe::ImageProbe;
+use crate::methods;
 use crate::metrics::TrainerMetrics;
 use crate::models::vit::Vit;
 use crate::source::Resolver;
@@ -102,20 +102,15 @@ pub fn train(
     dataset: &ImageDataset,
     metrics: &TrainerMetrics,
 ) -> Result<(Trained, Trainer)> {
-    if spec.method.type_ != MethodType::Head {
-        return Err(Error::Config {
-            field: "spec.method.type".into(),
-            message: format!(
-                "{} does not run on the vision backbone yet; use head (the linear probe) for \
-                 image-classification",
-                spec.method.type_.as_str()
-            ),
-        });
-    }
     let device = crate::device::open(options.device)?;
     let backbone = Vit::load(&sources.model, model_dtype(spec), &device)?;
     let config = TrainConfig::from_spec(&spec.training);
-    let method = Box::new(ImageProbe::new(backbone, dataset.num_labels, config.seed)?);
+    let method = methods::build(
+        &spec.method.config(),
+        Box::new(backbone),
+        dataset.num_labels,
+        config.seed,
+    )?;
     let batch_size = usize::try_from(spec.training.batch_size).unwrap_or(0);
     let batches = ImageBatches::new(
         dataset,

@@ -1,0 +1,76 @@
+//! The ViT as a [`Backbone`]: pixels ride where token ids do, and every [CLS] and patch token is a
+//! real position, so the methods written for text (LoRA, LST, BitFit, the probe) run on images
+//! unchanged.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::backbone::{Backbone, LoraSite, Pooling};
+use super::vit::Vit;
+use crate::Result;
+
+impl Backbone for Vit {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn num_heads(&self) -> usize {
+        self.config.num_attention_heads
+    }
+
+    fn intermediate_size(&self) -> usize {
+        self.config.intermediate_size()
+    }
+
+    fn norm_eps(&self) -> f64 {
+        self.config.layer_norm_eps
+    }
+
+    fn dtype(&self) -> DType {
+        Vit::dtype(self)
+    }
+
+    fn device(&self) -> &Device {
+        Vit::device(self)
+    }
+
+    fn taps(&self, pixels: &Tensor, _attention_mask: &Tensor) -> Result<Vec<Tensor>> {
+        self.forward_hidden(pixels)
+    }
+
+    fn forward(&self, pixels: &Tensor, _attention_mask: &Tensor) -> Result<Tensor> {
+        Vit::forward(self, pixels)
+    }
+
+    /// The mean over [CLS] and the patch tokens.
+    fn pooling(&self) -> Pooling {
+        Pooling::Mean
+    }
+
+    fn token_mask(&self, pixels: &Tensor, _attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = pixels.dims4()?;
+        let p = self.config.patch_size;
+        Ok(Tensor::ones(
+            (b, 1 + (h / p) * (w / p)),
+            DType::U32,
+            pixels.device(),
+        )?)
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut dyn LoraSite)> {
+        Vit::linears_mut(self)
+            .into_iter()
+            .map(|(path, l)| (path, l as &mut dyn LoraSite))
+            .collect()
+    }
+
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        self.tensors_mut()
+            .into_iter()
+            .map(|(name, t, _)| (name, t))
+            .collect()
+    }
+}
