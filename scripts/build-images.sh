@@ -16,7 +16,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-CACHE="${PETL_CACHE:-$HOME/.cache/petl}"
+CACHE="${PETL_CACHE_DIR:-$HOME/.cache/petl}"
 # shellcheck source=scripts/setup/lib/buildah.sh
 source "$repo/scripts/setup/lib/buildah.sh"
 BASE_IMAGE="localhost/petl-base:bookworm"

@@ -6,10 +6,10 @@
 # usage: scripts/dev-cluster.sh up       start (or show) the cluster; prints the KUBECONFIG
 #        scripts/dev-cluster.sh down     stop it; nothing is left behind
 #        scripts/dev-cluster.sh status
-# Env: PETL_CACHE (default ~/.cache/petl); the cluster's state is in $PETL_CACHE/dev-cluster.
+# Env: PETL_CACHE_DIR (default ~/.cache/petl); the cluster's state is in $PETL_CACHE_DIR/dev-cluster.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-state="${PETL_CACHE:-$HOME/.cache/petl}/dev-cluster"
+state="${PETL_CACHE_DIR:-$HOME/.cache/petl}/dev-cluster"
 export PETL_DEV_CLUSTER_DIR="$state"
 pid_file="$state/pid"
 log_file="$state/cluster.log"

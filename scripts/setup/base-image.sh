@@ -9,12 +9,12 @@
 # The root filesystems are cached as tarballs under ~/.cache/petl/images/; idempotent: a second
 # run with both images in the store returns at once. Needs root (debootstrap, buildah).
 #
-# Env: PETL_CACHE (default ~/.cache/petl), PETL_DEBIAN_MIRROR (default: the first URI in
+# Env: PETL_CACHE_DIR (default ~/.cache/petl), PETL_DEBIAN_MIRROR (default: the first URI in
 # /etc/apt/sources.list.d/debian.sources, else http://deb.debian.org/debian).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
-CACHE="${PETL_CACHE:-$HOME/.cache/petl}"
+CACHE="${PETL_CACHE_DIR:-$HOME/.cache/petl}"
 IMAGES="$CACHE/images"
 SUITE=bookworm
 BASE_IMAGE="localhost/petl-base:$SUITE"

@@ -5,7 +5,7 @@
 #   ~/.cache/petl/k8s-v$K8S_VERSION/bin/   and   ~/.cache/petl/helm-v$HELM_VERSION/bin/
 # Idempotent: a second run with everything built returns at once.
 #
-# Env: PETL_CACHE (default ~/.cache/petl), PETL_BUILD_JOBS (go build -p, default nproc).
+# Env: PETL_CACHE_DIR (default ~/.cache/petl), PETL_BUILD_JOBS (go build -p, default nproc).
 set -euo pipefail
 
 # shellcheck source=scripts/setup/lib/k8s-build.sh

@@ -11,7 +11,7 @@
 # Idempotent: a second run with everything in place returns at once. Needs root (or sudo)
 # for apt-get; the node itself runs as root.
 #
-# Env: PETL_CACHE (default ~/.cache/petl), PETL_BUILD_JOBS (go build -p, default nproc).
+# Env: PETL_CACHE_DIR (default ~/.cache/petl), PETL_BUILD_JOBS (go build -p, default nproc).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 

@@ -25,7 +25,7 @@ cleanup() { if [[ $added_policy -eq 1 ]]; then $SUDO rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 # One `apt-get update` per machine is enough: the stamp keeps reruns offline.
-stamp="${PETL_CACHE:-$HOME/.cache/petl}/apt-updated"
+stamp="${PETL_CACHE_DIR:-$HOME/.cache/petl}/apt-updated"
 if [[ ! -f $stamp ]] || ! apt-cache show prometheus >/dev/null 2>&1; then
   echo "[prometheus.sh] apt-get update" >&2
   $SUDO apt-get update -qq

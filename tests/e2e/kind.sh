@@ -43,12 +43,12 @@ state="$(mktemp -d "${TMPDIR:-/tmp}/petl-kind-XXXXXX")"
 kubeconfig="$state/kubeconfig"
 # Fixed per cluster: a reused cluster keeps the mounts it was created with.
 shared="${TMPDIR:-/tmp}/petl-kind-$cluster-shared"
-assets="${PETL_CACHE:-$HOME/.cache/petl}/pypi"
+assets="${PETL_CACHE_DIR:-$HOME/.cache/petl}/pypi"
 mkdir -p "$shared"
 chmod 0777 "$shared"
 
 # --- 0. the model and data ------------------------------------------------------------------
-PETL_CACHE_DIR="${PETL_CACHE:-$HOME/.cache/petl}" scripts/setup/assets.sh
+scripts/setup/assets.sh
 
 created=0
 cleanup() {

@@ -11,9 +11,9 @@ pub const KUBERNETES_VERSION: &str = "1.36.3";
 /// Helm release; must match `HELM_VERSION` in `scripts/setup/k8s.sh`.
 pub const HELM_VERSION: &str = "3.22.0";
 
-/// Root of every cache the project keeps: `$PETL_CACHE`, else `~/.cache/petl`.
+/// Root of every cache the project keeps: `$PETL_CACHE_DIR`, else `~/.cache/petl`.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("PETL_CACHE") {
+    if let Some(dir) = std::env::var_os("PETL_CACHE_DIR") {
         return PathBuf::from(dir);
     }
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);

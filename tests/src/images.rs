@@ -147,7 +147,7 @@ const SHELL_ENV: &[&str] = &[
     "RUSTFLAGS",
     "CC",
     "CFLAGS",
-    "PETL_CACHE",
+    "PETL_CACHE_DIR",
 ];
 
 /// (target dir, profile dir) of the running executable: `target/debug/deps/test-HASH` for a

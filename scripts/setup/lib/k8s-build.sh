@@ -6,7 +6,7 @@
 K8S_VERSION=1.36.3
 STAGING_VERSION=0.36.3   # k8s.io/* staging modules are tagged v0.X.Y for Kubernetes v1.X.Y
 
-CACHE="${PETL_CACHE:-$HOME/.cache/petl}"
+CACHE="${PETL_CACHE_DIR:-$HOME/.cache/petl}"
 K8S_DIR="$CACHE/k8s-v$K8S_VERSION"
 K8S_BIN="$K8S_DIR/bin"
 # The throwaway module that builds every k8s.io/kubernetes command (see k8s.sh).
