@@ -363,6 +363,25 @@ fn invalid_cases() -> Vec<Invalid> {
             vec!["spec.workers.priorityClassName must be a lower-case DNS subdomain"],
         ),
         case(
+            "an onnx vision backbone for a text task",
+            vec![("/spec/model/format", s("onnx"))],
+            vec![
+                "spec.model.format onnx holds a vision backbone",
+                "use a safetensors or gguf text model",
+            ],
+        ),
+        case(
+            "a gguf model for image classification",
+            vec![
+                ("/spec/model/format", s("gguf")),
+                ("/spec/dataset/task", s("image-classification")),
+            ],
+            vec![
+                "spec.dataset.task image-classification needs a vision backbone, not gguf",
+                "set spec.model.format to onnx",
+            ],
+        ),
+        case(
             "a secretRef name that is no DNS name",
             vec![("/spec/model/secretRef", Some(json!({ "name": "HF token" })))],
             vec![
