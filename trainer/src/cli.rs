@@ -133,6 +133,9 @@ pub struct CommonArgs {
     /// Log line format; with `text` a terminal also gets a progress bar.
     #[arg(long, env = "PETL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Without a progress bar, log a step line every this many steps (default: 50 lines a run).
+    #[arg(long, env = "PETL_LOG_EVERY")]
+    pub log_every: Option<u64>,
     /// Where to train: auto (a CUDA GPU in a `cuda` build when one answers, else the CPU),
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "PETL_DEVICE", default_value_t = DeviceChoice::Auto)]
@@ -174,6 +177,7 @@ pub fn petl_main() -> ExitCode {
                     metrics_addr: common.metrics_addr,
                     device: common.device,
                     display: display(common.log_format),
+                    log_every: common.log_every,
                     started,
                     ..RunOptions::single(&name)
                 };
@@ -250,6 +254,7 @@ fn rank_options(args: RankArgs, job_name: String, started: Instant) -> Result<Ru
         output_override: args.output,
         metrics_addr: args.common.metrics_addr,
         display: display(args.common.log_format),
+        log_every: args.common.log_every,
         device: args.common.device,
         peers,
         snapshot_socket,

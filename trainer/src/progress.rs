@@ -37,7 +37,14 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(total_steps: u64, display: Display, metrics: Option<TrainerMetrics>) -> Self {
+    /// A bar or log lines for `total_steps`; without a bar a step line every `log_every` steps
+    /// (default: 50 lines a run) and at the last step.
+    pub fn new(
+        total_steps: u64,
+        display: Display,
+        log_every: Option<u64>,
+        metrics: Option<TrainerMetrics>,
+    ) -> Self {
         let bar = (display == Display::Auto && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total_steps);
             bar.set_style(
@@ -56,7 +63,7 @@ impl Progress {
             bar,
             metrics,
             total_steps,
-            log_every: (total_steps / 50).max(1),
+            log_every: log_every.unwrap_or(total_steps / 50).max(1),
         }
     }
 

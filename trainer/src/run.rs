@@ -42,6 +42,9 @@ pub struct RunOptions {
     pub output_override: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     pub display: Display,
+    /// Log rank 0's step line every this many steps when there is no bar (`None`: 50 lines a
+    /// run).
+    pub log_every: Option<u64>,
     /// Where to train.
     pub device: DeviceChoice,
     /// The other ranks (required when `world_size > 1`).
@@ -68,6 +71,7 @@ impl RunOptions {
             output_override: None,
             metrics_addr: None,
             display: Display::Logs,
+            log_every: None,
             device: DeviceChoice::Cpu,
             peers: None,
             snapshot_socket: None,

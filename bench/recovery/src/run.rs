@@ -29,7 +29,7 @@ pub fn run(petl: &Path, job: &Job, extra: &[String], env: &[(&str, String)]) -> 
     let mut child = Command::new(petl)
         .arg("run")
         .arg(&file)
-        .args(["--log-format", "json"])
+        .args(["--log-format", "json", "--log-every", "1"])
         .args(extra)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(dir.path())
@@ -76,14 +76,16 @@ impl Watched {
         batch as f64 / self.manifest.metrics.samples_per_second
     }
 
-    /// The median gap between consecutive step lines before the first fault: a step's time.
+    /// A step's time before the first fault: the median, over pairs of successive step lines,
+    /// of the time between them divided by the steps between them (runs log every step, but a
+    /// recovery repeats steps and a pair may straddle a gap).
     pub fn steady_step(&self) -> f64 {
         let until = self.faults.first().copied().unwrap_or(f64::INFINITY);
         let mut gaps: Vec<f64> = self
             .steps
             .windows(2)
-            .filter(|w| w[1].1 < until && w[1].0 == w[0].0 + 1)
-            .map(|w| w[1].1 - w[0].1)
+            .filter(|w| w[1].1 < until && w[1].0 > w[0].0)
+            .map(|w| (w[1].1 - w[0].1) / (w[1].0 - w[0].0) as f64)
             .collect();
         gaps.sort_by(f64::total_cmp);
         gaps.get(gaps.len() / 2).copied().unwrap_or(f64::NAN)

@@ -143,6 +143,9 @@ pub fn run_local(
                 {
                     args.extend(["--metrics-addr".into(), s(&addr)]);
                 }
+                if let Some(every) = common.log_every {
+                    args.extend(["--log-every".into(), s(&every)]);
+                }
                 args
             })
             .collect(),

@@ -176,8 +176,14 @@ pub(super) fn drive(
     let reporting = options.rank == 0;
     let mut observer = RankObserver {
         rank: options.rank,
-        progress: reporting
-            .then(|| Progress::new(total_steps, options.display, Some(metrics.clone()))),
+        progress: reporting.then(|| {
+            Progress::new(
+                total_steps,
+                options.display,
+                options.log_every,
+                Some(metrics.clone()),
+            )
+        }),
         report: ReportWriter::new(metrics.clone(), spec, options.world_size),
         link: link.as_ref(),
         batches_per_epoch: per_epoch,
