@@ -9,7 +9,7 @@
 pub mod agent;
 mod children;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -215,6 +215,9 @@ struct Launcher {
     inbox: Receiver<Event>,
     /// Rank 0's stdout lines other than fault markers: the published artifact.
     artifact: Vec<String>,
+    /// The trainers' stdout streams seen closed, as (rank, incarnation), whoever received the
+    /// event.
+    closed: BTreeSet<(usize, u32)>,
 }
 
 impl Launcher {
@@ -241,6 +244,7 @@ impl Launcher {
             events,
             inbox,
             artifact: Vec::new(),
+            closed: BTreeSet::new(),
         };
         for rank in 0..world {
             let fault = launcher.next_fault(rank);
@@ -303,7 +307,9 @@ impl Launcher {
                 None if rank == 0 => self.artifact.push(text),
                 None => {}
             },
-            Event::Closed { .. } => {}
+            Event::Closed { rank, incarnation } => {
+                self.closed.insert((rank, incarnation));
+            }
         }
         Ok(())
     }
@@ -390,18 +396,19 @@ impl Launcher {
         Ok(None)
     }
 
-    /// Handles what the ended trainer printed before its stdout closed (its fault marker).
+    /// Handles what the ended trainer printed before its stdout closed (its fault marker). The
+    /// close may already have been received by the supervising loop, which happens whenever the
+    /// reader is quicker than the exit status: then there is nothing left to wait for.
     fn drain_stdout(&mut self, rank: usize) -> Result<()> {
         let incarnation = self.trainers[rank].incarnation;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        while !self.closed.contains(&(rank, incarnation)) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
             match self.inbox.recv_timeout(left) {
-                Ok(Event::Closed {
-                    rank: r,
-                    incarnation: i,
-                }) if r == rank && i == incarnation => return Ok(()),
                 Ok(event) => self.handle(event)?,
-                Err(_) => return Ok(()),
+                Err(_) => break,
             }
         }
         Ok(())
