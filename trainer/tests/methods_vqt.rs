@@ -57,7 +57,10 @@ fn vqt_backward_reaches_only_the_query_tokens_and_the_head() {
     let params = method.parameters();
     // Four blocks of (3, 32) queries, and a head over 32 + 4·3·32 features.
     assert_eq!(params.len(), 4 + 2);
-    assert_eq!(method.trainable_parameters(), 4 * 3 * 32 + 2 * (32 + 4 * 96) + 2);
+    assert_eq!(
+        method.trainable_parameters(),
+        4 * 3 * 32 + 2 * (32 + 4 * 96) + 2
+    );
     let param_ids: HashSet<_> = params.iter().map(|(_, v)| v.as_tensor().id()).collect();
     for (name, v) in &params {
         assert!(grads.get(v.as_tensor()).is_some(), "{name} got no gradient");
