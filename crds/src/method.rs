@@ -131,6 +131,10 @@ methods! {
     /// Ladder side tuning: a small side network reads the frozen backbone's hidden states, so
     /// backward never touches the backbone.
     Lst = "lst" => lst: LstConfig,
+    /// Visual query tuning: learnable query tokens in every block read the frozen tokens'
+    /// keys and values without being read by them; the head reads the pooled output and every
+    /// block's query outputs, so backward runs through the query paths only.
+    Vqt = "vqt" => vqt: VqtConfig,
     /// A linear probe: only the classification head trains, on the frozen backbone's pooled
     /// output; the floor every other method must beat.
     Head = "head" => head: HeadConfig,
@@ -271,6 +275,57 @@ fn default_lst_reduction() -> i32 {
 }
 fn default_true() -> bool {
     true
+}
+
+/// Visual query tuning (Tu, Mai, Chao, CVPR 2023): `queries` learnable tokens per block; the
+/// head reads the pooled output and each block's query outputs, combined as `combine` says.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VqtConfig {
+    /// Query tokens per block (the official code's default is 5; its VTAB runs use 1 to 20).
+    #[serde(default = "default_vqt_queries")]
+    #[schemars(range(min = 1, max = 64))]
+    pub queries: i32,
+    /// How each block's query outputs reach the head: `concat` keeps every query (head input
+    /// hidden · (1 + layers · queries)), `mean` averages a block's queries (hidden · (1 + layers)).
+    #[serde(default)]
+    pub combine: VqtCombine,
+    /// Dropout on the query tokens during training, in [0, 0.9] (the official code's 0.1).
+    #[serde(default = "default_vqt_dropout")]
+    #[schemars(range(min = 0.0, max = 0.9))]
+    pub dropout: f64,
+    /// L2-normalise the pooled output and each block's query features before the head.
+    #[serde(default = "default_true")]
+    pub normalize_features: bool,
+}
+
+impl Default for VqtConfig {
+    fn default() -> Self {
+        Self {
+            queries: default_vqt_queries(),
+            combine: VqtCombine::default(),
+            dropout: default_vqt_dropout(),
+            normalize_features: true,
+        }
+    }
+}
+
+/// How VQT combines a block's query outputs into head features.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VqtCombine {
+    /// Every query output of every block, side by side.
+    #[default]
+    Concat,
+    /// The mean of each block's query outputs: a head input independent of `queries`.
+    Mean,
+}
+
+fn default_vqt_queries() -> i32 {
+    5
+}
+fn default_vqt_dropout() -> f64 {
+    0.1
 }
 
 #[cfg(test)]

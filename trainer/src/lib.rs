@@ -105,6 +105,12 @@ pub enum Error {
     /// The snapshot agent failed or could not be reached.
     #[error("snapshots: {0}")]
     Snapshot(#[from] petl_snapshot::Error),
+    /// A method runs extra query tokens through the backbone's blocks (VQT), which this
+    /// backbone does not implement.
+    #[error(
+        "the {backbone} backbone cannot run query tokens through its blocks, which spec.method.type vqt needs; use it with a BERT-family or ViT model, or pick another method (lst, lora)"
+    )]
+    NoQueryBlocks { backbone: String },
     /// A state the trainer cannot continue from: a bug, not a configuration problem.
     #[error("internal error: {0}; this is a bug, please report it")]
     Internal(String),
@@ -122,9 +128,10 @@ impl Error {
         use petl_crds::exit_code;
         match self {
             Error::Job { .. } | Error::Source { .. } => exit_code::USAGE,
-            Error::Config { .. } | Error::Diverged { .. } | Error::SnapshotMismatch { .. } => {
-                exit_code::CONFIG
-            }
+            Error::Config { .. }
+            | Error::Diverged { .. }
+            | Error::SnapshotMismatch { .. }
+            | Error::NoQueryBlocks { .. } => exit_code::CONFIG,
             Error::Data { .. } | Error::Json { .. } => exit_code::DATA_ERROR,
             Error::Missing { .. } | Error::Weights { .. } | Error::SourceNotFound { .. } => {
                 exit_code::NO_INPUT

@@ -332,7 +332,7 @@ impl Dropout {
 
     /// A `{0, 1/(1-p)}` mask shaped like `x` (`(examples·T, features)` or any shape whose leading
     /// elements split evenly over the step's examples), or `None` when inactive or `p == 0`.
-    fn mask(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    pub(crate) fn mask(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let s = self
             .state
             .lock()
@@ -745,8 +745,10 @@ pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(bias.reshape((b, 1, 1, t))?)
 }
 
-/// Multi-head scaled dot-product attention over `(B, T, H·dh)` projections, as one node.
-/// Saves the attention probabilities; q, k and v are the parents the graph holds anyway.
+/// Multi-head scaled dot-product attention of `(B, Tq, H·dh)` queries over `(B, Tk, H·dh)` keys
+/// and values (`bias` over the `Tk` keys), as one node. Saves the attention probabilities; q, k
+/// and v are the parents the graph holds anyway. Only the tracked inputs get gradients, so
+/// queries reading untracked keys and values (VQT) cost no key or value gradient.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -754,7 +756,7 @@ pub fn attention(
     bias: &Tensor,
     heads: usize,
 ) -> Result<Tensor> {
-    let (b, t, d) = q.dims3()?;
+    let (b, _, d) = q.dims3()?;
     if d % heads != 0 {
         return Err(Error::Config {
             field: "num_attention_heads".into(),
@@ -765,7 +767,7 @@ pub fn attention(
     let scale = 1.0 / (dh as f64).sqrt();
     // `(B, T, H·dh)` seen as `(B, H, T, dh)`: a view, no copy.
     let split = move |x: &Tensor| -> candle_core::Result<Tensor> {
-        x.reshape((b, t, heads, dh))?.transpose(1, 2)
+        x.reshape((b, x.dim(1)?, heads, dh))?.transpose(1, 2)
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let (qh, kh, vh) = (split(&qd)?, split(&kd)?, split(&vd)?);
@@ -773,18 +775,19 @@ pub fn attention(
     let p = softmax_values(&scores, scale, Some(bias))?;
     let ctx = per_head(&p, &vh, true)?;
     drop((qh, kh, vh, scores));
-    if !(tracks(q) || tracks(k) || tracks(v)) {
+    let need = [tracks(q), tracks(k), tracks(v)];
+    if need == [false; 3] {
         return Ok(ctx);
     }
     let bwd = move |g: &Tensor| {
         let (qh, kh, vh) = (split(&qd)?, split(&kd)?, split(&vd)?);
         let gh = split(g)?;
         let dp = per_head(&gh, &vh.t()?, false)?;
-        let dv = per_head(&p.t()?, &gh, true)?;
+        let dv = need[2].then(|| per_head(&p.t()?, &gh, true)).transpose()?;
         let ds = softmax_backward(&p, &dp, scale)?;
-        let dq = per_head(&ds, &kh, true)?;
-        let dk = per_head(&ds.t()?, &qh, true)?;
-        Ok(vec![Some(dq), Some(dk), Some(dv)])
+        let dq = need[0].then(|| per_head(&ds, &kh, true)).transpose()?;
+        let dk = need[1].then(|| per_head(&ds.t()?, &qh, true)).transpose()?;
+        Ok(vec![dq, dk, dv])
     };
     attach(&[q, k, v], ctx, bwd)
 }

@@ -2,7 +2,7 @@
 //! finite differences in f64.
 
 use candle_core::{DType, Device, Tensor, Var};
-use petl_crds::{LoraConfig, LstConfig, MethodConfig};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig, VqtCombine, VqtConfig};
 use petl_trainer::init::Rng;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::bert::{Bert, Config};
@@ -286,6 +286,25 @@ fn lst_gradients_match_finite_differences() {
     }
 }
 
+/// VQT's settings for the checks: two queries a block, no dropout (the checks differentiate one
+/// fixed function).
+fn vqt(combine: VqtCombine, normalize_features: bool) -> MethodConfig {
+    MethodConfig::Vqt(VqtConfig {
+        queries: 2,
+        combine,
+        dropout: 0.0,
+        normalize_features,
+    })
+}
+
+#[test]
+fn vqt_gradients_match_finite_differences() {
+    for (combine, normalize) in [(VqtCombine::Concat, true), (VqtCombine::Mean, false)] {
+        let m = methods::for_bert(&vqt(combine, normalize), tiny_bert(), 3, 1).unwrap();
+        check_method(m.as_ref());
+    }
+}
+
 /// The f32 CPU path runs the fused kernels (`petl_trainer::kernels`); f64 runs candle's composed
 /// ops, which the finite-difference checks above hold to 1e-6. Same model, same batch: every
 /// method's gradients must agree to f32 precision.
@@ -308,6 +327,7 @@ fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
         MethodConfig::Bitfit(Default::default()),
         MethodConfig::Lora(lora),
         MethodConfig::Lst(lst),
+        vqt(VqtCombine::Concat, true),
     ];
     let (ids, mask, labels) = tiny_batch();
     for config in &configs {
@@ -381,6 +401,8 @@ fn every_method_on_the_vit_matches_finite_differences() {
             gate_init: 0.3,
             init_from_backbone: false,
         }),
+        vqt(VqtCombine::Concat, true),
+        vqt(VqtCombine::Mean, false),
     ];
     for config in &configs {
         let (vit, pixels, mask, labels) = tiny_vit_and_images();

@@ -184,6 +184,17 @@ fn methods_that_would_train_quantized_or_absent_tensors_refuse_by_name() {
     // LST's default pruned initialisation copies BERT-style blocks, which Llama lacks.
     let lst = refusal(&MethodSpec::of_type(MethodType::Lst).config());
     assert!(lst.contains("initFromBackbone"), "{lst}");
+    // VQT runs query tokens through the blocks, which the Llama backbone does not offer.
+    let vqt = methods::build(
+        &MethodSpec::of_type(MethodType::Vqt).config(),
+        Box::new(model.clone()),
+        2,
+        7,
+    );
+    assert!(
+        matches!(vqt, Err(petl_trainer::Error::NoQueryBlocks { .. })),
+        "VQT on Llama was not refused with NoQueryBlocks"
+    );
     let lora = refusal(&MethodSpec::of_type(MethodType::Lora).config());
     assert!(
         lora.contains("q_proj"),

@@ -1,15 +1,16 @@
-//! Short real runs: MiniLM with ladder side tuning, and the linear probe, on a few hundred Rotten
-//! Tomatoes reviews. The held-out loss must fall and the backbone must get no gradients.
+//! Short real runs: MiniLM with ladder side tuning, visual query tuning and the linear probe, on a
+//! few hundred Rotten Tomatoes reviews. The held-out loss must fall and the backbone must get no
+//! gradients.
 
 use std::io::Read;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use petl_crds::{HeadConfig, LstConfig, MethodConfig, Schedule};
+use petl_crds::{HeadConfig, LstConfig, MethodConfig, Schedule, VqtConfig};
 use petl_trainer::data::Batch;
 use petl_trainer::methods;
 use petl_trainer::models::bert::Bert;
-use petl_trainer::train::{Quiet, TrainConfig, Trainer};
+use petl_trainer::train::{Batches, Evaluation, Quiet, TrainConfig, Trainer};
 use tokenizers::Tokenizer;
 
 fn cache() -> PathBuf {
@@ -178,5 +179,78 @@ fn the_linear_probe_on_minilm_lowers_rotten_tomatoes_validation_loss() {
         "validation loss {} -> {}",
         before.loss,
         after.loss
+    );
+}
+
+/// Trains `config` on MiniLM for `steps` steps of `train` at learning rate `lr` (constant, seed
+/// 7); returns the validation metrics before and after.
+fn train_minilm(
+    config: &MethodConfig,
+    train: &dyn Batches,
+    valid: &[Batch],
+    steps: u64,
+    lr: f64,
+) -> (Evaluation, Evaluation) {
+    let bert = Bert::load(&minilm_dir(), DType::F32, &Device::Cpu).unwrap();
+    let method = methods::for_bert(config, bert, 2, 7).unwrap();
+    let mut trainer = Trainer::new(
+        method,
+        TrainConfig {
+            max_steps: Some(steps),
+            epochs: None,
+            max_seconds: None,
+            learning_rate: lr,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            grad_clip: 1.0,
+            seed: 7,
+            eval_every_steps: 0,
+            divergence_check_every: 0,
+        },
+    );
+    let before = trainer.evaluate(valid).unwrap();
+    let report = trainer.fit(train, valid, &mut Quiet).unwrap();
+    assert_eq!(report.steps, steps);
+    (before, report.eval.unwrap())
+}
+
+/// VQT and the linear probe at the same budget (40 steps of 16 reviews, learning rate 1e-2, the
+/// better of 3e-3 and 1e-2 for VQT; 256 held out). VQT's validation loss falls below the probe's.
+/// Its accuracy is not clearly above the probe's at this budget (measured: 0.746 against 0.754;
+/// at 3e-3, 0.703 against 0.766, losses 0.520 and 0.578), so the test holds it within the noise
+/// of 256 reviews (±0.03) rather than above.
+#[test]
+fn vqt_on_minilm_lowers_rotten_tomatoes_loss_below_the_linear_probe() {
+    let dir = minilm_dir();
+    let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    tok.with_padding(None);
+    tok.with_truncation(None).unwrap();
+    let rows = rotten_tomatoes(896, 11);
+    let (train_rows, valid_rows) = rows.split_at(640);
+    let train = batches(&tok, train_rows, 16, 48);
+    let valid = batches(&tok, valid_rows, 32, 48);
+
+    let head = MethodConfig::Head(HeadConfig::default());
+    let (_, probe) = train_minilm(&head, &train, &valid, 40, 1e-2);
+    let vqt = MethodConfig::Vqt(VqtConfig::default());
+    let (before, after) = train_minilm(&vqt, &train, &valid, 40, 1e-2);
+    eprintln!("probe {probe:?}\nvqt before {before:?}\nvqt after {after:?}");
+    assert!(
+        after.loss < before.loss - 0.1,
+        "VQT's validation loss {} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert!(
+        after.loss < probe.loss,
+        "VQT's validation loss {} is not below the probe's {}",
+        after.loss,
+        probe.loss
+    );
+    let (p, v) = (probe.accuracy.unwrap(), after.accuracy.unwrap());
+    assert!(
+        v > p - 0.03,
+        "VQT's accuracy {v} fell below the probe's {p}"
     );
 }

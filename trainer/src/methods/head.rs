@@ -51,7 +51,12 @@ impl Head {
 
     /// `h` `(B, T, width)`, `mask` `(B, T)` → `(B, num_labels)`.
     pub fn forward(&self, h: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        self.linear.forward(&self.pooling.apply(h, attention_mask)?)
+        self.logits(&self.pooling.apply(h, attention_mask)?)
+    }
+
+    /// Features already reduced to one vector an example, `(B, width)` → `(B, num_labels)`.
+    pub fn logits(&self, features: &Tensor) -> Result<Tensor> {
+        self.linear.forward(features)
     }
 
     /// Logits from `backbone`'s final states for `input`, pooled over the positions its

@@ -8,6 +8,7 @@ pub mod head;
 pub mod linear_probe;
 pub mod lora;
 pub mod lst;
+pub mod vqt;
 
 use candle_core::{Tensor, Var};
 use petl_crds::{MethodConfig, MethodType};
@@ -80,6 +81,7 @@ registry! {
     Lora => lora::Lora::new,
     Bitfit => backbone_tuning::bitfit,
     Lst => lst::Lst::new,
+    Vqt => vqt::Vqt::new,
     Head => linear_probe::LinearProbe::new,
 }
 

@@ -76,6 +76,28 @@ pub trait Backbone: Send {
         None
     }
 
+    /// [`Backbone::forward`]'s states computed from the last of [`Backbone::taps`] (the final
+    /// norm where the architecture has one), so a method holding the taps need not run the
+    /// backbone again.
+    fn output_from_tap(&self, last: &Tensor) -> Result<Tensor>;
+
+    /// Runs block `layer` on extra query tokens `queries` `(B, q, d)` that read the block's input
+    /// `tokens` `(B, T, d)` (its tap) as keys and values, `bias` from [`tape::attention_bias`]
+    /// over [`Backbone::token_mask`]. The tokens are detached and never read the queries, so the
+    /// backbone's own states are unchanged and only the queries' path is tracked (VQT).
+    fn query_block(
+        &self,
+        _layer: usize,
+        _queries: &Tensor,
+        _tokens: &Tensor,
+        _bias: &Tensor,
+    ) -> Result<Tensor> {
+        let name = std::any::type_name::<Self>();
+        Err(Error::NoQueryBlocks {
+            backbone: name.rsplit("::").next().unwrap_or(name).to_string(),
+        })
+    }
+
     /// The distinct last components of [`Backbone::linears_mut`]'s paths: the names LoRA's
     /// `targetModules` can match (for messages).
     fn linear_names(&mut self) -> Vec<String> {
@@ -88,6 +110,17 @@ pub trait Backbone: Send {
         }
         names
     }
+}
+
+/// Block `layer` of `blocks`, or an error naming the range.
+pub(crate) fn block<L>(blocks: &[L], layer: usize) -> Result<&L> {
+    blocks.get(layer).ok_or_else(|| Error::Config {
+        field: "layer".into(),
+        message: format!(
+            "block {layer} does not exist; the backbone has {}",
+            blocks.len()
+        ),
+    })
 }
 
 /// A linear layer a LoRA update can be attached to.

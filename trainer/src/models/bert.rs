@@ -93,9 +93,15 @@ pub struct Layer {
 impl Layer {
     /// `h` `(B, T, d)`, `bias` from [`tape::attention_bias`].
     pub fn forward(&self, h: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        self.forward_reading(h, h, bias)
+    }
+
+    /// The block on `h` `(B, S, d)` with attention reading its keys and values from `context`
+    /// `(B, T, d)` (`bias` over T) instead of `h` itself: what VQT's query tokens go through.
+    pub fn forward_reading(&self, h: &Tensor, context: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let q = self.query.forward(h)?;
-        let k = self.key.forward(h)?;
-        let v = self.value.forward(h)?;
+        let k = self.key.forward(context)?;
+        let v = self.value.forward(context)?;
         let ctx = tape::attention(&q, &k, &v, bias, self.heads)?;
         let a = self
             .attention_norm
@@ -490,6 +496,21 @@ impl Backbone for Bert {
 
     fn encoder_layers(&self) -> Option<&[Layer]> {
         Some(&self.layers)
+    }
+
+    fn output_from_tap(&self, last: &Tensor) -> Result<Tensor> {
+        Ok(last.clone())
+    }
+
+    fn query_block(
+        &self,
+        layer: usize,
+        queries: &Tensor,
+        tokens: &Tensor,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
+        let block = super::backbone::block(&self.layers, layer)?;
+        block.forward_reading(queries, &tokens.detach(), bias)
     }
 }
 

@@ -173,11 +173,24 @@ pub struct Layer {
 impl Layer {
     /// `h` `(B, T, d)`; `bias` the `(1, 1, 1, T)` zeros attention adds (no token is masked).
     pub fn forward(&self, h: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        self.forward_reading(h, None, bias)
+    }
+
+    /// The block on `h` with attention reading its keys and values from `context` `(B, T, d)`
+    /// (`bias` over T) instead of `h`, when given: what VQT's query tokens go through.
+    pub fn forward_reading(
+        &self,
+        h: &Tensor,
+        context: Option<&Tensor>,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
         let x = self.norm1.forward(h)?;
+        let c = context.map(|c| self.norm1.forward(c)).transpose()?;
+        let c = c.as_ref().unwrap_or(&x);
         let (q, k, v) = (
             self.query.forward(&x)?,
-            self.key.forward(&x)?,
-            self.value.forward(&x)?,
+            self.key.forward(c)?,
+            self.value.forward(c)?,
         );
         let ctx = tape::attention(&q, &k, &v, bias, self.heads)?;
         let a = self.attention_output.forward(&ctx)?;

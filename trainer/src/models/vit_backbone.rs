@@ -73,4 +73,20 @@ impl Backbone for Vit {
             .map(|(name, t, _)| (name, t))
             .collect()
     }
+
+    /// The final LayerNorm.
+    fn output_from_tap(&self, last: &Tensor) -> Result<Tensor> {
+        self.layernorm.forward(last)
+    }
+
+    fn query_block(
+        &self,
+        layer: usize,
+        queries: &Tensor,
+        tokens: &Tensor,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
+        let block = super::backbone::block(&self.layers, layer)?;
+        block.forward_reading(queries, Some(&tokens.detach()), bias)
+    }
 }

@@ -58,6 +58,10 @@ impl Backbone for Llama {
         Pooling::LastToken
     }
 
+    fn output_from_tap(&self, last: &Tensor) -> Result<Tensor> {
+        self.norm.forward(last)
+    }
+
     fn linears_mut(&mut self) -> Vec<(String, &mut dyn LoraSite)> {
         self.projections_mut()
             .map(|p| (p.name.clone(), p as &mut dyn LoraSite))
