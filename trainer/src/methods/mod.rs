@@ -8,6 +8,7 @@ pub mod head;
 pub mod linear_probe;
 pub mod lora;
 pub mod lst;
+pub mod unipt;
 
 use candle_core::{Tensor, Var};
 use petl_crds::{MethodConfig, MethodType};
@@ -81,6 +82,7 @@ registry! {
     Bitfit => backbone_tuning::bitfit,
     Lst => lst::Lst::new,
     Head => linear_probe::LinearProbe::new,
+    Unipt => unipt::Unipt::new,
 }
 
 /// Builds the method `config` names on a BERT backbone ([`build`] with a boxed [`Bert`]).

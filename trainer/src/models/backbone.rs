@@ -45,6 +45,13 @@ pub trait Backbone: Send {
     /// architecture has one), tracked wherever something in the backbone trains.
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
 
+    /// The normalisation [`Backbone::forward`] applies after the last block, applied to the last
+    /// of [`Backbone::taps`]: the classifier's input without a second pass through the blocks.
+    /// The identity where there is none (BERT's blocks end in their own LayerNorm).
+    fn final_norm(&self, last_tap: &Tensor) -> Result<Tensor> {
+        Ok(last_tap.clone())
+    }
+
     /// How a classifier reduces [`Backbone::forward`]'s sequence to one vector per example.
     fn pooling(&self) -> Pooling;
 

@@ -847,6 +847,10 @@ impl Backbone for Llama {
         self.norm.forward(&h)
     }
 
+    fn final_norm(&self, last_tap: &Tensor) -> Result<Tensor> {
+        self.norm.forward(last_tap)
+    }
+
     fn pooling(&self) -> Pooling {
         Pooling::LastToken
     }

@@ -45,6 +45,10 @@ impl Backbone for Vit {
         Vit::forward(self, pixels)
     }
 
+    fn final_norm(&self, last_tap: &Tensor) -> Result<Tensor> {
+        self.layernorm.forward(last_tap)
+    }
+
     /// The mean over [CLS] and the patch tokens.
     fn pooling(&self) -> Pooling {
         Pooling::Mean
