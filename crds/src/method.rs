@@ -285,9 +285,10 @@ pub struct UniptConfig {
     #[serde(default = "default_unipt_reduction")]
     #[schemars(range(min = 1, max = 64))]
     pub reduction: i32,
-    /// Start the up-projection at zero, so training starts from the linear probe on the
-    /// backbone's output (false: PyTorch's default init, as the UniPT code).
-    #[serde(default = "default_true")]
+    /// Start the up-projection at zero, so training starts exactly from the linear probe on
+    /// the backbone's output. Off by default: PyTorch's default init, as the UniPT code, trained
+    /// better on Rotten Tomatoes (the rest of the network gets no gradient until it moves).
+    #[serde(default)]
     pub zero_init_up: bool,
 }
 
@@ -295,7 +296,7 @@ impl Default for UniptConfig {
     fn default() -> Self {
         Self {
             reduction: default_unipt_reduction(),
-            zero_init_up: true,
+            zero_init_up: false,
         }
     }
 }

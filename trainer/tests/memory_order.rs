@@ -1,9 +1,9 @@
-//! Measured (not timed) step memory on one fixed batch: the ladder side network needs less than
-//! LoRA, which needs less than full fine-tuning. One test in this binary, so no other test's
+//! Measured (not timed) step memory on one fixed batch: the ladder side network and UniPT's
+//! parallel network need less than LoRA, which needs less than full fine-tuning. One test in this binary, so no other test's
 //! allocations land in the counter.
 
 use candle_core::{DType, Device, Tensor};
-use petl_crds::{LoraConfig, LstConfig, MethodConfig};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig, UniptConfig};
 use petl_trainer::data::Batch;
 use petl_trainer::init::Rng;
 use petl_trainer::memory::{self, CountingAllocator};
@@ -78,6 +78,7 @@ fn lst_step_needs_less_memory_than_lora_which_needs_less_than_full() {
         ("lora", MethodConfig::Lora(LoraConfig::default())),
         ("bitfit", MethodConfig::Bitfit(Default::default())),
         ("lst", MethodConfig::Lst(LstConfig::default())),
+        ("unipt", MethodConfig::Unipt(UniptConfig::default())),
     ] {
         let (total, step) = step_peak(&config, &batch);
         eprintln!(
@@ -93,5 +94,7 @@ fn lst_step_needs_less_memory_than_lora_which_needs_less_than_full() {
     assert!(total("lst") < total("lora"), "{peaks:?}");
     assert!(total("lora") < total("full"), "{peaks:?}");
     assert!(step("lst") < step("lora"), "{peaks:?}");
+    assert!(total("unipt") < total("lora"), "{peaks:?}");
+    assert!(step("unipt") < step("lora"), "{peaks:?}");
     assert!(step("lora") < step("full"), "{peaks:?}");
 }

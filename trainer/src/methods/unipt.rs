@@ -271,7 +271,9 @@ fn product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// gradient).
 fn sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let value = (a.detach() + b.detach())?;
-    tape::attach(&[a, b], value, |g| Ok(vec![Some(g.clone()), Some(g.clone())]))
+    tape::attach(&[a, b], value, |g| {
+        Ok(vec![Some(g.clone()), Some(g.clone())])
+    })
 }
 
 /// `max(x, 0)` as one node that keeps its output (the up-projection's input, kept anyway).
