@@ -2,7 +2,7 @@
 //! finite differences in f64.
 
 use candle_core::{DType, Device, Tensor, Var};
-use petl_crds::{LoraConfig, LstConfig, MethodConfig, VqtCombine, VqtConfig};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig, UniptConfig, VqtCombine, VqtConfig};
 use petl_trainer::init::Rng;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::bert::{Bert, Config};
@@ -305,6 +305,30 @@ fn vqt_gradients_match_finite_differences() {
     }
 }
 
+/// UniPT's up-projection starts at zero (as LoRA's B), which zeroes every other gradient of the
+/// parallel network; the checks move it off zero first.
+fn starts_at_zero(name: &str) -> bool {
+    name.ends_with("lora_B.weight") || name == "unipt.upsample_layer.1.weight"
+}
+
+#[test]
+fn unipt_gradients_match_finite_differences() {
+    for zero_init_up in [true, false] {
+        let config = UniptConfig {
+            reduction: 2,
+            zero_init_up,
+        };
+        let m = methods::for_bert(&MethodConfig::Unipt(config), tiny_bert(), 3, 1).unwrap();
+        let mut rng = Rng::new(3);
+        for (name, v) in m.parameters() {
+            if starts_at_zero(&name) {
+                v.set(&rand(&mut rng, v.dims(), 0.5)).unwrap();
+            }
+        }
+        check_method(m.as_ref());
+    }
+}
+
 /// The f32 CPU path runs the fused kernels (`petl_trainer::kernels`); f64 runs candle's composed
 /// ops, which the finite-difference checks above hold to 1e-6. Same model, same batch: every
 /// method's gradients must agree to f32 precision.
@@ -328,6 +352,10 @@ fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
         MethodConfig::Lora(lora),
         MethodConfig::Lst(lst),
         vqt(VqtCombine::Concat, true),
+        MethodConfig::Unipt(UniptConfig {
+            reduction: 2,
+            zero_init_up: true,
+        }),
     ];
     let (ids, mask, labels) = tiny_batch();
     for config in &configs {
@@ -335,7 +363,7 @@ fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
             let m = methods::for_bert(config, tiny_bert_in(dtype), 3, 1).unwrap();
             let mut rng = Rng::new(3);
             for (name, v) in m.parameters() {
-                if name.ends_with("lora_B.weight") {
+                if starts_at_zero(&name) {
                     let b = rand(&mut rng, v.dims(), 0.5).to_dtype(dtype).unwrap();
                     v.set(&b).unwrap();
                 }
@@ -403,17 +431,47 @@ fn every_method_on_the_vit_matches_finite_differences() {
         }),
         vqt(VqtCombine::Concat, true),
         vqt(VqtCombine::Mean, false),
+        MethodConfig::Unipt(UniptConfig {
+            reduction: 2,
+            zero_init_up: true,
+        }),
     ];
     for config in &configs {
         let (vit, pixels, mask, labels) = tiny_vit_and_images();
         let m = methods::build(config, Box::new(vit), 3, 1).unwrap();
         let mut rng = Rng::new(3);
         for (name, v) in m.parameters() {
-            if name.ends_with("lora_B.weight") {
+            if starts_at_zero(&name) {
                 v.set(&rand(&mut rng, v.dims(), 0.5)).unwrap();
             }
         }
         check_method_on(m.as_ref(), &pixels, &mask, &labels);
+    }
+}
+
+/// UniPT adds its update to the backbone's output rebuilt from the taps; that must be exactly
+/// what `Backbone::forward` gives, on post-norm BERT (no final norm) and the pre-norm ViT.
+#[test]
+fn the_last_tap_after_the_final_norm_is_the_backbone_output() {
+    use petl_trainer::models::Backbone;
+    let (vit, pixels, mask, _) = tiny_vit_and_images();
+    let (ids, ids_mask, _) = tiny_batch();
+    let bert = tiny_bert();
+    let cases: [(&dyn Backbone, &Tensor, &Tensor); 2] =
+        [(&vit, &pixels, &mask), (&bert, &ids, &ids_mask)];
+    for (backbone, input, mask) in cases {
+        let taps = backbone.taps(input, mask).unwrap();
+        let rebuilt = backbone.output_from_tap(taps.last().unwrap()).unwrap();
+        let direct = backbone.forward(input, mask).unwrap();
+        let diff = (rebuilt - direct)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-12, "{diff}");
     }
 }
 

@@ -1,9 +1,9 @@
-//! Measured (not timed) step memory on one fixed batch: the ladder side network and visual query
-//! tuning need less than LoRA, which needs less than full fine-tuning. One test in this binary,
-//! so no other test's allocations land in the counter.
+//! Measured (not timed) step memory on one fixed batch: the ladder side network, visual query
+//! tuning and UniPT's parallel network need less than LoRA, which needs less than full fine-tuning.
+//! One test in this binary, so no other test's allocations land in the counter.
 
 use candle_core::{DType, Device, Tensor};
-use petl_crds::{LoraConfig, LstConfig, MethodConfig, VqtConfig};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig, UniptConfig, VqtConfig};
 use petl_trainer::data::Batch;
 use petl_trainer::init::Rng;
 use petl_trainer::memory::{self, CountingAllocator};
@@ -68,7 +68,7 @@ fn step_peak(config: &MethodConfig, batch: &Batch) -> (usize, usize) {
 }
 
 #[test]
-fn lst_and_vqt_steps_need_less_memory_than_lora_which_needs_less_than_full() {
+fn lst_vqt_and_unipt_steps_need_less_memory_than_lora_which_needs_less_than_full() {
     let batch = fixed_batch();
     let _ = step_peak(&MethodConfig::Lst(LstConfig::default()), &batch); // warm gemm's buffers
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
@@ -79,6 +79,7 @@ fn lst_and_vqt_steps_need_less_memory_than_lora_which_needs_less_than_full() {
         ("bitfit", MethodConfig::Bitfit(Default::default())),
         ("lst", MethodConfig::Lst(LstConfig::default())),
         ("vqt", MethodConfig::Vqt(VqtConfig::default())),
+        ("unipt", MethodConfig::Unipt(UniptConfig::default())),
     ] {
         let (total, step) = step_peak(&config, &batch);
         eprintln!(
@@ -96,5 +97,7 @@ fn lst_and_vqt_steps_need_less_memory_than_lora_which_needs_less_than_full() {
     assert!(step("vqt") < step("lora"), "{peaks:?}");
     assert!(total("lora") < total("full"), "{peaks:?}");
     assert!(step("lst") < step("lora"), "{peaks:?}");
+    assert!(total("unipt") < total("lora"), "{peaks:?}");
+    assert!(step("unipt") < step("lora"), "{peaks:?}");
     assert!(step("lora") < step("full"), "{peaks:?}");
 }

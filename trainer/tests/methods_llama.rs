@@ -1,4 +1,4 @@
-//! LoRA and LST through the same `Method` code as on BERT, on the real SmolLM2-135M-Instruct GGUF
+//! LoRA, LST and UniPT through the same `Method` code as on BERT, on the real SmolLM2-135M-Instruct GGUF
 //! (fetched by `scripts/setup/assets.sh`; Q4_1 in the file, Q8_0 in memory, frozen): only the
 //! method's own parameters get gradients, and a few steps on one batch lower its loss. The
 //! methods that would train the quantized weights refuse this backbone with a message.
@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use petl_crds::{LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType, Schedule};
+use petl_crds::{
+    LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType, Schedule, UniptConfig,
+};
 use petl_trainer::data::Batch;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::gguf::{self, FrozenFormat, Tokenizer};
@@ -162,6 +164,28 @@ fn lst_on_quantized_smollm2_trains_only_its_side_network_and_lowers_the_loss() {
     assert!(
         losses[5] < losses[0] - 0.1,
         "LST's loss did not fall: {losses:?}"
+    );
+}
+
+#[test]
+fn unipt_on_quantized_smollm2_trains_only_its_parallel_network_and_lowers_the_loss() {
+    let batch = batch(&smollm2().1);
+    let method = build(&MethodConfig::Unipt(UniptConfig::default()));
+    let names: Vec<String> = method.parameters().into_iter().map(|(n, _)| n).collect();
+    // 31 taps × (linear weight, bias, norm gain, shift), the projection's four, the gate, the
+    // up-projection's weight and bias, and the head.
+    assert_eq!(names.len(), 31 * 4 + 4 + 1 + 2 + 2);
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("unipt.") || n.starts_with("classifier."))
+    );
+    assert_only_parameters_get_gradients(method.as_ref(), &batch);
+    let losses = train(method, &batch, 6, 3e-3);
+    eprintln!("UniPT on SmolLM2, training losses: {losses:?}");
+    assert!(
+        losses[5] < losses[0] - 0.1,
+        "UniPT's loss did not fall: {losses:?}"
     );
 }
 

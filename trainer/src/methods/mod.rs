@@ -8,6 +8,7 @@ pub mod head;
 pub mod linear_probe;
 pub mod lora;
 pub mod lst;
+pub mod unipt;
 pub mod vqt;
 
 use candle_core::{Tensor, Var};
@@ -83,6 +84,7 @@ registry! {
     Lst => lst::Lst::new,
     Vqt => vqt::Vqt::new,
     Head => linear_probe::LinearProbe::new,
+    Unipt => unipt::Unipt::new,
 }
 
 /// Builds the method `config` names on a BERT backbone ([`build`] with a boxed [`Bert`]).
