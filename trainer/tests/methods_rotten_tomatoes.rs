@@ -3,7 +3,7 @@
 //! must get no gradients; UniPT must beat the probe trained on the same batches for as many steps.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use petl_crds::{HeadConfig, LstConfig, MethodConfig, Schedule, UniptConfig, VqtConfig};
@@ -95,16 +95,29 @@ fn batches(tok: &Tokenizer, rows: &[(String, u32)], size: usize, max_len: usize)
         .collect()
 }
 
-#[test]
-fn lst_on_minilm_lowers_rotten_tomatoes_validation_loss() {
-    let dir = minilm_dir();
+/// Every `stride`-th review up to `limit`: the first `train` as training batches of 16, the rest
+/// as validation batches of 32, all at most 48 tokens.
+fn split_reviews(
+    dir: &Path,
+    limit: usize,
+    stride: usize,
+    train: usize,
+) -> (Vec<Batch>, Vec<Batch>) {
     let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     tok.with_padding(None);
     tok.with_truncation(None).unwrap();
-    let rows = rotten_tomatoes(384, 31);
-    let (train_rows, valid_rows) = rows.split_at(320);
-    let train = batches(&tok, train_rows, 16, 48);
-    let valid = batches(&tok, valid_rows, 32, 48);
+    let rows = rotten_tomatoes(limit, stride);
+    let (train_rows, valid_rows) = rows.split_at(train);
+    (
+        batches(&tok, train_rows, 16, 48),
+        batches(&tok, valid_rows, 32, 48),
+    )
+}
+
+#[test]
+fn lst_on_minilm_lowers_rotten_tomatoes_validation_loss() {
+    let dir = minilm_dir();
+    let (train, valid) = split_reviews(&dir, 384, 31, 320);
 
     let bert = Bert::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let method = methods::for_bert(&MethodConfig::Lst(LstConfig::default()), bert, 2, 7).unwrap();
@@ -141,13 +154,7 @@ fn lst_on_minilm_lowers_rotten_tomatoes_validation_loss() {
 #[test]
 fn the_linear_probe_on_minilm_lowers_rotten_tomatoes_validation_loss() {
     let dir = minilm_dir();
-    let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    tok.with_padding(None);
-    tok.with_truncation(None).unwrap();
-    let rows = rotten_tomatoes(384, 31);
-    let (train_rows, valid_rows) = rows.split_at(320);
-    let train = batches(&tok, train_rows, 16, 48);
-    let valid = batches(&tok, valid_rows, 32, 48);
+    let (train, valid) = split_reviews(&dir, 384, 31, 320);
 
     let bert = Bert::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let method = methods::for_bert(&MethodConfig::Head(HeadConfig::default()), bert, 2, 7).unwrap();
@@ -223,13 +230,7 @@ fn train_minilm(
 #[test]
 fn vqt_on_minilm_lowers_rotten_tomatoes_loss_below_the_linear_probe() {
     let dir = minilm_dir();
-    let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    tok.with_padding(None);
-    tok.with_truncation(None).unwrap();
-    let rows = rotten_tomatoes(896, 11);
-    let (train_rows, valid_rows) = rows.split_at(640);
-    let train = batches(&tok, train_rows, 16, 48);
-    let valid = batches(&tok, valid_rows, 32, 48);
+    let (train, valid) = split_reviews(&dir, 896, 11, 640);
 
     let head = MethodConfig::Head(HeadConfig::default());
     let (_, probe) = train_minilm(&head, &train, &valid, 40, 1e-2);
@@ -261,13 +262,7 @@ fn vqt_on_minilm_lowers_rotten_tomatoes_loss_below_the_linear_probe() {
 #[test]
 fn unipt_on_minilm_beats_the_linear_probe_on_rotten_tomatoes() {
     let dir = minilm_dir();
-    let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    tok.with_padding(None);
-    tok.with_truncation(None).unwrap();
-    let rows = rotten_tomatoes(1536, 7);
-    let (train_rows, valid_rows) = rows.split_at(1280);
-    let train = batches(&tok, train_rows, 16, 48);
-    let valid = batches(&tok, valid_rows, 32, 48);
+    let (train, valid) = split_reviews(&dir, 1536, 7, 1280);
     let steps = 80;
     let head = MethodConfig::Head(HeadConfig::default());
     let (_, probe) = train_minilm(&head, &train, &valid, steps, 3e-3);
