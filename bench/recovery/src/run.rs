@@ -18,6 +18,24 @@ pub struct Watched {
     pub steps: Vec<(u64, f64)>,
     /// Seconds since start of each injected fault.
     pub faults: Vec<f64>,
+    /// CPU seconds (user + system) of `petl run` and every process it waited for: launcher,
+    /// ranks, snapshot agents. Unlike wall time, other load on the machine barely moves it.
+    pub cpu_seconds: f64,
+}
+
+/// User + system CPU seconds of every child process tree this process has reaped so far.
+fn children_cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the pointer it is given, which points to one.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
+    assert_eq!(
+        rc, 0,
+        "getrusage(RUSAGE_CHILDREN) cannot fail with valid arguments"
+    );
+    // SAFETY: initialised above (zeroed, then filled by the successful call).
+    let usage = unsafe { usage.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Runs `job` with `petl` in a fresh directory, with extra flags and environment.
@@ -26,6 +44,7 @@ pub fn run(petl: &Path, job: &Job, extra: &[String], env: &[(&str, String)]) -> 
     let file = dir.path().join("job.yaml");
     std::fs::write(&file, job.yaml())?;
     let start = Instant::now();
+    let cpu_before = children_cpu_seconds();
     let mut child = Command::new(petl)
         .arg("run")
         .arg(&file)
@@ -59,6 +78,7 @@ pub fn run(petl: &Path, job: &Job, extra: &[String], env: &[(&str, String)]) -> 
         }
     }
     let status = child.wait()?;
+    let cpu_seconds = children_cpu_seconds() - cpu_before;
     if !status.success() {
         bail!("petl run failed ({status}):\n{}", tail.join("\n"));
     }
@@ -67,6 +87,7 @@ pub fn run(petl: &Path, job: &Job, extra: &[String], env: &[(&str, String)]) -> 
         manifest,
         steps,
         faults,
+        cpu_seconds,
     })
 }
 
