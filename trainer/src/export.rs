@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::models::Pooling;
 use crate::{Error, Result};
 
 /// The weights file of every adapter.
@@ -80,13 +81,35 @@ pub struct HeadInfo {
 }
 
 impl HeadInfo {
-    fn mean_pooling() -> Self {
+    fn of(features: HeadFeatures) -> Self {
+        let (pooling, reads) = match features {
+            HeadFeatures::Pooled(Pooling::Mean) => (
+                "mean",
+                "mean(last_hidden_state[attention_mask == 1])".to_string(),
+            ),
+            HeadFeatures::Pooled(Pooling::LastToken) => (
+                "last_token",
+                "last_hidden_state[last position where attention_mask == 1]".to_string(),
+            ),
+            HeadFeatures::Method(what) => ("method", format!("features, {what}")),
+        };
         Self {
-            pooling: "mean".into(),
+            pooling: pooling.into(),
             weights: HEAD_FILE.into(),
-            formula: "logits = mean(last_hidden_state[attention_mask == 1]) @ classifier.weight.T + classifier.bias".into(),
+            formula: format!("logits = {reads} @ classifier.weight.T + classifier.bias"),
         }
     }
+}
+
+/// What a classification head reads, as its adapter's `petl_head` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadFeatures {
+    /// The backbone's last hidden state (the base model's own output, adapter applied), pooled:
+    /// what a PyTorch user recomputes from `AutoModel` (an image's positions are all real).
+    Pooled(Pooling),
+    /// Features the method computes itself (a side network's states, query tokens), described
+    /// in a phrase; only petl's `Method::forward` computes them.
+    Method(&'static str),
 }
 
 /// A trained adapter ready to write: the method's exportable tensors under the method's names.
@@ -104,6 +127,8 @@ pub struct Adapter {
     pub base_model: String,
     /// What it was trained for (decides PEFT's `task_type` and the head file).
     pub task: AdapterTask,
+    /// What the classification head reads (ignored for other tasks).
+    pub head_features: HeadFeatures,
     /// Method and training settings, kept verbatim in the config.
     pub hyperparameters: serde_json::Value,
 }
@@ -227,7 +252,7 @@ fn config_file(adapter: &Adapter, peft: bool, modules_to_save: Vec<String>) -> A
         petl_layout: if peft { "peft" } else { "safetensors" }.to_string(),
         task_type: adapter.task.peft_task_type().to_string(),
         petl_head: (adapter.task == AdapterTask::SequenceClassification)
-            .then(HeadInfo::mean_pooling),
+            .then(|| HeadInfo::of(adapter.head_features)),
         base_model_name_or_path: adapter.base_model.clone(),
         r: lora.map(|l| l.rank),
         lora_alpha: lora.map(|l| l.alpha),
@@ -473,6 +498,7 @@ mod tests {
             }),
             base_model: "pypi://x==1/m".into(),
             task: AdapterTask::SequenceClassification,
+            head_features: HeadFeatures::Pooled(Pooling::Mean),
             hyperparameters: serde_json::json!({"rank": 4}),
         }
     }

@@ -388,6 +388,7 @@ fn publish(
         lora: trained.lora.clone(),
         base_model: spec.model.uri.clone(),
         task,
+        head_features: trained.head_features,
         hyperparameters: hyperparameters.clone(),
     };
     let format = match spec.output.resolved_format(spec.method.type_) {

@@ -122,6 +122,7 @@ fn lora_adapter_in_peft_layout_reproduces_the_fine_tuned_logits() {
         }),
         base_model: MODEL.into(),
         task: AdapterTask::SequenceClassification,
+        head_features: trainer.method().head_features(),
         hyperparameters: serde_json::json!({}),
     };
     write_adapter(dir.path(), &adapter, AdapterFormat::Peft).unwrap();
@@ -138,6 +139,8 @@ fn lora_adapter_in_peft_layout_reproduces_the_fine_tuned_logits() {
         serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(config_json["peft_type"], "LORA");
+    // LoRA's head reads the adapted backbone's output, which PyTorch recomputes.
+    assert_eq!(config_json["petl_head"]["pooling"], "mean");
     assert_eq!(
         config_json["target_modules"],
         serde_json::json!(["query", "value"])
@@ -166,9 +169,15 @@ fn lst_adapter_in_safetensors_layout_reproduces_the_fine_tuned_logits() {
         lora: None,
         base_model: MODEL.into(),
         task: AdapterTask::SequenceClassification,
+        head_features: trainer.method().head_features(),
         hyperparameters: serde_json::json!({"reduction": 8}),
     };
     write_adapter(dir.path(), &adapter, AdapterFormat::Safetensors).unwrap();
+    // LST's head reads the side network, not the backbone's output, and the config says so.
+    let loaded = read_adapter(dir.path(), &Device::Cpu).unwrap();
+    let head = loaded.head.as_ref().unwrap();
+    assert_eq!(head.pooling, "method");
+    assert!(head.formula.contains("side network"), "{}", head.formula);
     let reloaded = fresh(&config, &model, 99);
     assert!(max_abs_diff(&logits(reloaded.as_ref(), &dataset), &tuned) > 1e-3);
     let loaded = read_adapter(dir.path(), &Device::Cpu).unwrap();
@@ -191,6 +200,7 @@ fn adapter_for_another_method_is_refused_naming_the_missing_tensor() {
         lora: None,
         base_model: MODEL.into(),
         task: AdapterTask::SequenceClassification,
+        head_features: trainer.method().head_features(),
         hyperparameters: serde_json::Value::Null,
     };
     write_adapter(dir.path(), &adapter, AdapterFormat::Safetensors).unwrap();

@@ -5,7 +5,8 @@
 //! Each test trains a tiny real job with `petl run`, reads its adapter back into petl, and hands
 //! the same token rows and petl's logits to `bench/peft-check/check.py`, which runs PEFT and
 //! transformers itself. It needs the torch venv (`scripts/setup/torch.sh`); without it each test
-//! prints `SKIPPED` and why, and passes.
+//! prints `SKIPPED` and why, and passes — unless `PETL_REQUIRE_TORCH=1` (set by `scripts/test`,
+//! which builds the venv first), where a missing venv fails the test.
 
 mod common;
 
@@ -93,6 +94,9 @@ fn petl_and_pytorch_agree(
 ) {
     let python = match torch_python() {
         Ok(p) => p,
+        Err(why) if std::env::var_os("PETL_REQUIRE_TORCH").is_some_and(|v| v == "1") => {
+            panic!("peft_check::{name}: {why}, and PETL_REQUIRE_TORCH=1 requires it")
+        }
         Err(why) => {
             eprintln!("SKIPPED peft_check::{name}: {why}");
             return;

@@ -5,6 +5,7 @@ use candle_core::{Tensor, Var};
 use petl_crds::{BitFitConfig, FullConfig};
 
 use super::{Method, head::Head, make_trainable};
+use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
 use crate::{Error, Result};
@@ -120,6 +121,10 @@ impl BackboneTuning {
 impl Method for BackboneTuning {
     fn name(&self) -> &'static str {
         self.selection.name()
+    }
+
+    fn head_features(&self) -> HeadFeatures {
+        HeadFeatures::Pooled(self.backbone.pooling())
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {

@@ -6,6 +6,7 @@ use petl_crds::HeadConfig;
 
 use super::{Method, head::Head};
 use crate::Result;
+use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
 
@@ -31,6 +32,10 @@ impl LinearProbe {
 impl Method for LinearProbe {
     fn name(&self) -> &'static str {
         "head"
+    }
+
+    fn head_features(&self) -> HeadFeatures {
+        HeadFeatures::Pooled(self.backbone.pooling())
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {

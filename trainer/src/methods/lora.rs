@@ -5,6 +5,7 @@ use candle_core::{Tensor, Var};
 use petl_crds::LoraConfig;
 
 use super::{Method, head::Head};
+use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
 use crate::tape::{Dropout, LoraDelta, StepSeed};
@@ -90,6 +91,10 @@ impl Lora {
 impl Method for Lora {
     fn name(&self) -> &'static str {
         "lora"
+    }
+
+    fn head_features(&self) -> HeadFeatures {
+        HeadFeatures::Pooled(self.backbone.pooling())
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use petl_crds::LstConfig;
 
 use super::{Method, head::Head, make_trainable};
+use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
 use crate::models::bert::Layer;
@@ -149,6 +150,12 @@ impl Lst {
 impl Method for Lst {
     fn name(&self) -> &'static str {
         "lst"
+    }
+
+    fn head_features(&self) -> HeadFeatures {
+        HeadFeatures::Method(
+            "the side network's last states (width hidden/reduction), pooled as the backbone pools",
+        )
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {

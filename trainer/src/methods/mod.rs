@@ -15,6 +15,7 @@ use candle_core::{Tensor, Var};
 use petl_crds::{MethodConfig, MethodType};
 
 use crate::Result;
+use crate::export::HeadFeatures;
 use crate::models::Backbone;
 use crate::models::bert::Bert;
 use crate::tape::StepSeed;
@@ -46,6 +47,10 @@ pub trait Method: Send {
             .map(|(n, v)| (n, v.as_tensor().detach()))
             .collect()
     }
+
+    /// What the classification head reads, recorded in the adapter so a user knows what to
+    /// compute before `classifier`.
+    fn head_features(&self) -> HeadFeatures;
 
     /// Number of trainable scalars.
     fn trainable_parameters(&self) -> usize {

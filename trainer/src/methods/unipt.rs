@@ -18,6 +18,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use petl_crds::UniptConfig;
 
 use super::{Method, head::Head, make_trainable};
+use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
 use crate::tape::{self, LayerNorm, Linear};
@@ -163,6 +164,12 @@ impl Unipt {
 impl Method for Unipt {
     fn name(&self) -> &'static str {
         "unipt"
+    }
+
+    fn head_features(&self) -> HeadFeatures {
+        HeadFeatures::Method(
+            "the backbone's output plus UniPT's parallel network's, pooled as the backbone pools",
+        )
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {

@@ -12,6 +12,7 @@ use candle_core::{D, Tensor, Var};
 use petl_crds::{VqtCombine, VqtConfig};
 
 use super::{Method, head::Head};
+use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
 use crate::tape::{self, Dropout, StepSeed};
@@ -115,6 +116,12 @@ impl Vqt {
 impl Method for Vqt {
     fn name(&self) -> &'static str {
         "vqt"
+    }
+
+    fn head_features(&self) -> HeadFeatures {
+        HeadFeatures::Method(
+            "the pooled backbone output beside every block's processed query tokens (`combine`)",
+        )
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {

@@ -14,7 +14,7 @@ use super::report::ReportWriter;
 use super::snapshots::SnapshotLink;
 use super::{ResolvedSources, RunOptions, ranks};
 use crate::data::{Batch, Batcher, Dataset, Task};
-use crate::export::LoraSettings;
+use crate::export::{HeadFeatures, LoraSettings};
 use crate::manifest::RecoveryRecord;
 use crate::methods;
 use crate::metrics::TrainerMetrics;
@@ -37,6 +37,8 @@ pub struct Trained {
     /// The method's exportable tensors.
     pub tensors: Vec<(String, candle_core::Tensor)>,
     pub lora: Option<LoraSettings>,
+    /// What the classification head reads, for the adapter's head description.
+    pub head_features: HeadFeatures,
     pub trainable_parameters: u64,
     /// Peak training memory of any step (see [`crate::train::Report::peak_memory_bytes`]).
     pub peak_memory_bytes: u64,
@@ -256,6 +258,7 @@ pub(super) fn drive(
         .to_string(),
         tensors: method.exportable(),
         lora,
+        head_features: method.head_features(),
         trainable_parameters: report.trainable_parameters as u64,
         peak_memory_bytes: report.peak_memory_bytes as u64,
         samples_per_second: report.samples_per_second,
