@@ -60,8 +60,7 @@ pub struct ClientStatus {
 struct Mailbox {
     outbox: Outbox,
     sending: bool,
-    /// The sender sleeps until woken (no handoff for a while); otherwise it looks every
-    /// `POLL` by itself and `put` need not wake it.
+    /// The sender is idle, asleep until woken; `put` wakes it (a busy one needs no wake).
     parked: bool,
     closed: bool,
     last_acked: Option<u64>,
@@ -154,8 +153,7 @@ impl SnapshotClient {
             mailbox.discarded.extend(replaced);
             mailbox.parked
         };
-        // A busy or polling sender finds the handoff by itself: only a parked one is woken, so
-        // the step rarely makes a syscall and is never preempted by the thread it wakes.
+        // A busy sender finds the handoff when it is done: only an idle (parked) one is woken.
         if wake {
             cv.notify_all();
         }
