@@ -70,6 +70,11 @@ impl On {
 struct Trainables(Vec<(String, Var)>);
 
 impl Trainables {
+    fn tensor(&mut self, name: String, t: &mut Tensor) -> Result<()> {
+        self.0.push((name, make_trainable(t)?));
+        Ok(())
+    }
+
     fn linear(&mut self, name: &str, l: &mut Linear) -> Result<()> {
         self.0
             .push((format!("{name}.weight"), make_trainable(&mut l.weight)?));
@@ -291,10 +296,10 @@ impl R2 {
         t.linear("r2.q_map", &mut q_map)?;
         decoder.train("r2.tem", &mut t)?;
         for (i, s) in scales.iter_mut().enumerate() {
-            t.0.push((format!("r2.scale.{i}"), make_trainable(s)?));
+            t.tensor(format!("r2.scale.{i}"), s)?;
         }
         for (i, g) in gates.iter_mut().enumerate() {
-            t.0.push((format!("r2.gate.{i}"), make_trainable(g)?));
+            t.tensor(format!("r2.gate.{i}"), g)?;
         }
         for (i, q) in query_tokens.iter().enumerate() {
             t.0.push((format!("r2.query_tokens.{i}"), q.clone()));
