@@ -17,7 +17,7 @@ pub mod workers;
 pub use job::{API_GROUP, API_VERSION, KIND, PetlJob, PetlJobSpec};
 pub use method::{
     BitFitConfig, FullConfig, HeadConfig, LoraConfig, LstConfig, MethodConfig, MethodSpec,
-    MethodType, UniptConfig, UnknownMethod, VqtCombine, VqtConfig,
+    MethodType, R2Config, UniptConfig, UnknownMethod, VqtCombine, VqtConfig,
 };
 pub use output::{OutputFormat, OutputSpec};
 pub use report::WorkerReport;

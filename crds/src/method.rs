@@ -142,6 +142,10 @@ methods! {
     /// A linear probe: only the classification head trains, on the frozen backbone's pooled
     /// output; the floor every other method must beat.
     Head = "head" => head: HeadConfig,
+    /// Reversed recurrent tuning (R²-Tuning): one small shared block reads the frozen backbone's
+    /// last layers from the last back to earlier ones, refining one state per layer through
+    /// learnable query tokens; the head reads that state, so backward never touches the backbone.
+    R2 = "r2" => r2: R2Config,
 }
 
 impl fmt::Display for MethodType {
@@ -360,6 +364,57 @@ fn default_vqt_queries() -> i32 {
     5
 }
 fn default_vqt_dropout() -> f64 {
+    0.1
+}
+
+/// R²-Tuning (Liu et al., ECCV 2024): one R² block of width `dims`, shared by the backbone's last
+/// `layers` layers and run from the last back to the earlier ones; `queries` learnable tokens per
+/// layer take the place of the paper's text query.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct R2Config {
+    /// How many of the backbone's last layers the block reads (the paper's k = 4); every layer
+    /// when the backbone has fewer.
+    #[serde(default = "default_r2_layers")]
+    #[schemars(range(min = 1, max = 64))]
+    pub layers: i32,
+    /// Width of the R² block (the paper's 256 on CLIP; 128 by default, a third of MiniLM's 384).
+    #[serde(default = "default_r2_dims")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub dims: i32,
+    /// Learnable query tokens per layer, read through the block's query map where the paper
+    /// reads the text query's tokens.
+    #[serde(default = "default_r2_queries")]
+    #[schemars(range(min = 1, max = 64))]
+    pub queries: i32,
+    /// Dropout in the block's token and query maps during training, in [0, 0.9] (the paper's 0.5
+    /// on cached CLIP features).
+    #[serde(default = "default_r2_dropout")]
+    #[schemars(range(min = 0.0, max = 0.9))]
+    pub dropout: f64,
+}
+
+impl Default for R2Config {
+    fn default() -> Self {
+        Self {
+            layers: default_r2_layers(),
+            dims: default_r2_dims(),
+            queries: default_r2_queries(),
+            dropout: default_r2_dropout(),
+        }
+    }
+}
+
+fn default_r2_layers() -> i32 {
+    4
+}
+fn default_r2_dims() -> i32 {
+    128
+}
+fn default_r2_queries() -> i32 {
+    4
+}
+fn default_r2_dropout() -> f64 {
     0.1
 }
 

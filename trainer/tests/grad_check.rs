@@ -2,7 +2,9 @@
 //! finite differences in f64.
 
 use candle_core::{DType, Device, Tensor, Var};
-use petl_crds::{LoraConfig, LstConfig, MethodConfig, UniptConfig, VqtCombine, VqtConfig};
+use petl_crds::{
+    LoraConfig, LstConfig, MethodConfig, R2Config, UniptConfig, VqtCombine, VqtConfig,
+};
 use petl_trainer::init::Rng;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::bert::{Bert, Config};
@@ -306,9 +308,12 @@ fn vqt_gradients_match_finite_differences() {
 }
 
 /// UniPT's up-projection starts at zero (as LoRA's B), which zeroes every other gradient of the
-/// parallel network; the checks move it off zero first.
+/// parallel network; R²'s per-layer scales start at zero too (tanh(0) = 0 cuts the query-modulated
+/// pooling off). The checks move them off zero first.
 fn starts_at_zero(name: &str) -> bool {
-    name.ends_with("lora_B.weight") || name == "unipt.upsample_layer.1.weight"
+    name.ends_with("lora_B.weight")
+        || name == "unipt.upsample_layer.1.weight"
+        || name.starts_with("r2.scale.")
 }
 
 #[test]
@@ -326,6 +331,86 @@ fn unipt_gradients_match_finite_differences() {
             }
         }
         check_method(m.as_ref());
+    }
+}
+
+/// R²-Tuning's settings for the checks: `layers` tapped layers, a block of width 8, two query
+/// tokens a layer, no dropout.
+fn r2(layers: i32) -> MethodConfig {
+    MethodConfig::R2(R2Config {
+        layers,
+        dims: 8,
+        queries: 2,
+        dropout: 0.0,
+    })
+}
+
+/// Moves every parameter `starts_at_zero` names off zero, so every gradient is checked.
+fn off_zero(method: &dyn Method) {
+    let mut rng = Rng::new(3);
+    for (name, v) in method.parameters() {
+        if starts_at_zero(&name) {
+            let t = rand(&mut rng, v.dims(), 0.5).to_dtype(v.dtype()).unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+}
+
+/// One tapped layer (no gate), both of the tiny BERT's layers, and more than it has (clamped).
+#[test]
+fn r2_gradients_match_finite_differences() {
+    for layers in [1, 2, 4] {
+        let m = methods::for_bert(&r2(layers), tiny_bert(), 3, 1).unwrap();
+        let gates = m
+            .parameters()
+            .iter()
+            .filter(|(n, _)| n.starts_with("r2.gate."))
+            .count();
+        assert_eq!(gates, layers.min(2) as usize - 1, "layers {layers}");
+        off_zero(m.as_ref());
+        check_method(m.as_ref());
+    }
+}
+
+/// Bad R² settings are refused with the field that holds them.
+#[test]
+fn r2_refuses_bad_settings_naming_the_field() {
+    let bad = [
+        (
+            "spec.method.r2.layers",
+            R2Config {
+                layers: 0,
+                ..R2Config::default()
+            },
+        ),
+        (
+            "spec.method.r2.dims",
+            R2Config {
+                dims: 0,
+                ..R2Config::default()
+            },
+        ),
+        (
+            "spec.method.r2.queries",
+            R2Config {
+                queries: -1,
+                ..R2Config::default()
+            },
+        ),
+        (
+            "spec.method.r2.dropout",
+            R2Config {
+                dropout: 1.0,
+                ..R2Config::default()
+            },
+        ),
+    ];
+    for (expected, config) in bad {
+        match methods::for_bert(&MethodConfig::R2(config), tiny_bert(), 3, 1) {
+            Err(petl_trainer::Error::Config { field, .. }) => assert_eq!(field, expected),
+            Err(e) => panic!("{expected}: wrong error: {e}"),
+            Ok(_) => panic!("{expected}: a bad value was accepted"),
+        }
     }
 }
 
@@ -356,6 +441,7 @@ fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
             reduction: 2,
             zero_init_up: true,
         }),
+        r2(2),
     ];
     let (ids, mask, labels) = tiny_batch();
     for config in &configs {
@@ -435,6 +521,7 @@ fn every_method_on_the_vit_matches_finite_differences() {
             reduction: 2,
             zero_init_up: true,
         }),
+        r2(2),
     ];
     for config in &configs {
         let (vit, pixels, mask, labels) = tiny_vit_and_images();

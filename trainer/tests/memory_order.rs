@@ -1,9 +1,10 @@
 //! Measured (not timed) step memory on one fixed batch: the ladder side network, visual query
-//! tuning and UniPT's parallel network need less than LoRA, which needs less than full fine-tuning.
+//! tuning, UniPT's parallel network and the R² block need less than LoRA, which needs less than
+//! full fine-tuning.
 //! One test in this binary, so no other test's allocations land in the counter.
 
 use candle_core::{DType, Device, Tensor};
-use petl_crds::{LoraConfig, LstConfig, MethodConfig, UniptConfig, VqtConfig};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig, R2Config, UniptConfig, VqtConfig};
 use petl_trainer::data::Batch;
 use petl_trainer::init::Rng;
 use petl_trainer::memory::{self, CountingAllocator};
@@ -80,6 +81,7 @@ fn lst_vqt_and_unipt_steps_need_less_memory_than_lora_which_needs_less_than_full
         ("lst", MethodConfig::Lst(LstConfig::default())),
         ("vqt", MethodConfig::Vqt(VqtConfig::default())),
         ("unipt", MethodConfig::Unipt(UniptConfig::default())),
+        ("r2", MethodConfig::R2(R2Config::default())),
     ] {
         let (total, step) = step_peak(&config, &batch);
         eprintln!(
@@ -99,5 +101,7 @@ fn lst_vqt_and_unipt_steps_need_less_memory_than_lora_which_needs_less_than_full
     assert!(step("lst") < step("lora"), "{peaks:?}");
     assert!(total("unipt") < total("lora"), "{peaks:?}");
     assert!(step("unipt") < step("lora"), "{peaks:?}");
+    assert!(total("r2") < total("lora"), "{peaks:?}");
+    assert!(step("r2") < step("lora"), "{peaks:?}");
     assert!(step("lora") < step("full"), "{peaks:?}");
 }

@@ -1,12 +1,13 @@
-//! Short real runs: MiniLM with ladder side tuning, visual query tuning, UniPT and the linear
-//! probe, on a few hundred Rotten Tomatoes reviews. The held-out loss must fall and the backbone
-//! must get no gradients; UniPT must beat the probe trained on the same batches for as many steps.
+//! Short real runs: MiniLM with ladder side tuning, visual query tuning, UniPT, R²-Tuning and the
+//! linear probe, on a few hundred Rotten Tomatoes reviews. The held-out loss must fall and the
+//! backbone must get no gradients; UniPT and R² must beat the probe trained on the same batches
+//! for as many steps.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use petl_crds::{HeadConfig, LstConfig, MethodConfig, Schedule, UniptConfig, VqtConfig};
+use petl_crds::{HeadConfig, LstConfig, MethodConfig, R2Config, Schedule, UniptConfig, VqtConfig};
 use petl_trainer::data::Batch;
 use petl_trainer::methods;
 use petl_trainer::models::bert::Bert;
@@ -285,5 +286,32 @@ fn unipt_on_minilm_beats_the_linear_probe_on_rotten_tomatoes() {
     assert!(
         unipt > probe,
         "UniPT's accuracy {unipt} is not above the probe's {probe}"
+    );
+}
+
+/// R²-Tuning against the probe on UniPT's budget (one pass over 1,280 reviews, 80 steps of 16; 256
+/// held out). The probe at its usual 3e-3; R² at 5e-4, the R²-Tuning code's rate (measured here:
+/// 0.773 against the probe's 0.723, validation loss 0.573 against 0.563; at 1e-3 the loss falls
+/// to 0.501 but accuracy is 0.711, and at 3e-3 the post-norm decoder diverges to one class).
+#[test]
+fn r2_on_minilm_beats_the_linear_probe_on_rotten_tomatoes() {
+    let dir = minilm_dir();
+    let (train, valid) = split_reviews(&dir, 1536, 7, 1280);
+    let steps = 80;
+    let head = MethodConfig::Head(HeadConfig::default());
+    let (_, probe) = train_minilm(&head, &train, &valid, steps, 3e-3);
+    let config = MethodConfig::R2(R2Config::default());
+    let (before, after) = train_minilm(&config, &train, &valid, steps, 5e-4);
+    eprintln!("probe {probe:?}\nr2 before {before:?}\nr2 after {after:?}");
+    assert!(
+        after.loss < before.loss - 0.1,
+        "validation loss {} -> {}",
+        before.loss,
+        after.loss
+    );
+    let (r2, probe) = (after.accuracy.unwrap(), probe.accuracy.unwrap());
+    assert!(
+        r2 > probe + 0.02,
+        "R²'s accuracy {r2} is not clearly above the probe's {probe}"
     );
 }

@@ -8,6 +8,7 @@ pub mod head;
 pub mod linear_probe;
 pub mod lora;
 pub mod lst;
+pub mod r2;
 pub mod unipt;
 pub mod vqt;
 
@@ -90,6 +91,7 @@ registry! {
     Vqt => vqt::Vqt::new,
     Head => linear_probe::LinearProbe::new,
     Unipt => unipt::Unipt::new,
+    R2 => r2::R2::new,
 }
 
 /// Builds the method `config` names on a BERT backbone ([`build`] with a boxed [`Bert`]).
