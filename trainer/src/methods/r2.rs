@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use petl_crds::R2Config;
 
 use super::{Method, head::Head, make_trainable};
+use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::{Backbone, Pooling};
 use crate::tape::{self, Dropout, LayerNorm, Linear, StepSeed};
@@ -328,6 +329,12 @@ impl R2 {
 impl Method for R2 {
     fn name(&self) -> &'static str {
         "r2"
+    }
+
+    fn head_features(&self) -> HeadFeatures {
+        HeadFeatures::Method(
+            "the R² block's state after its recurrence from the last tapped layer to the first",
+        )
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {
