@@ -80,6 +80,10 @@ fn lst_vqt_and_unipt_steps_need_less_memory_than_lora_which_needs_less_than_full
         ("lst", MethodConfig::Lst(LstConfig::default())),
         ("vqt", MethodConfig::Vqt(VqtConfig::default())),
         ("unipt", MethodConfig::Unipt(UniptConfig::default())),
+        (
+            "sherl",
+            MethodConfig::Sherl(petl_crds::SherlConfig::default()),
+        ),
     ] {
         let (total, step) = step_peak(&config, &batch);
         eprintln!(
@@ -99,5 +103,7 @@ fn lst_vqt_and_unipt_steps_need_less_memory_than_lora_which_needs_less_than_full
     assert!(step("lst") < step("lora"), "{peaks:?}");
     assert!(total("unipt") < total("lora"), "{peaks:?}");
     assert!(step("unipt") < step("lora"), "{peaks:?}");
+    assert!(total("sherl") < total("lora"), "{peaks:?}");
+    assert!(step("sherl") < step("lora"), "{peaks:?}");
     assert!(step("lora") < step("full"), "{peaks:?}");
 }

@@ -8,6 +8,7 @@ pub mod head;
 pub mod linear_probe;
 pub mod lora;
 pub mod lst;
+pub mod sherl;
 pub mod unipt;
 pub mod vqt;
 
@@ -85,6 +86,7 @@ registry! {
     Vqt => vqt::Vqt::new,
     Head => linear_probe::LinearProbe::new,
     Unipt => unipt::Unipt::new,
+    Sherl => sherl::Sherl::new,
 }
 
 /// Builds the method `config` names on a BERT backbone ([`build`] with a boxed [`Bert`]).
