@@ -323,13 +323,12 @@ mod tests {
                     .unwrap();
                 tape::no_grad(loss).to_scalar::<f64>().unwrap()
             };
-            for i in 0..base.len() {
+            for (i, analytic) in g.iter().enumerate() {
                 let numeric = (at(i, 1e-6) - at(i, -1e-6)) / 2e-6;
-                let err = (numeric - g[i]).abs() / (numeric.abs() + g[i].abs()).max(1e-3);
+                let err = (numeric - analytic).abs() / (numeric.abs() + analytic.abs()).max(1e-3);
                 assert!(
                     err < 1e-6,
-                    "{name}[{i}]: analytic {} numeric {numeric}",
-                    g[i]
+                    "{name}[{i}]: analytic {analytic} numeric {numeric}"
                 );
             }
             v.set(&Tensor::from_vec(base, v.shape(), &Device::Cpu).unwrap())
