@@ -15,6 +15,7 @@ pub mod uri;
 pub mod workers;
 
 pub use job::{API_GROUP, API_VERSION, KIND, PetlJob, PetlJobSpec};
+pub use method::SherlConfig;
 pub use method::{
     BitFitConfig, FullConfig, HeadConfig, LoraConfig, LstConfig, MethodConfig, MethodSpec,
     MethodType, R2Config, UniptConfig, UnknownMethod, VqtCombine, VqtConfig,

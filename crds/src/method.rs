@@ -139,6 +139,10 @@ methods! {
     /// hidden states against the last layer's and adds what it gathers to the backbone's output,
     /// so backward never touches the backbone.
     Unipt = "unipt" => unipt: UniptConfig,
+    /// SHERL: gated adapters read every early layer's hidden states, an anti-redundancy
+    /// aggregation merges them, and the result runs through the backbone's last (frozen) layers;
+    /// backward crosses only those late layers and the adapters.
+    Sherl = "sherl" => sherl: SherlConfig,
     /// A linear probe: only the classification head trains, on the frozen backbone's pooled
     /// output; the floor every other method must beat.
     Head = "head" => head: HeadConfig,
@@ -314,6 +318,42 @@ fn default_unipt_reduction() -> i32 {
 }
 fn default_true() -> bool {
     true
+}
+
+/// SHERL (Diao et al., ECCV 2024): the multi-tiered sensing adapter. Per early hidden state a
+/// gated residual adapter to width hidden/reduction, an anti-redundancy aggregation over those
+/// layers, a projection back to the hidden width, then the backbone's last `lateLayers` blocks
+/// (frozen, back-propagated through).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SherlConfig {
+    /// Adapter width = backbone hidden size / reduction (rounded down, at least 1). The default 8
+    /// (LST's, which the SHERL code's T5 scripts reuse) gives MiniLM's 384 → 48.
+    #[serde(default = "default_sherl_reduction")]
+    #[schemars(range(min = 1, max = 64))]
+    pub reduction: i32,
+    /// How many of the backbone's last blocks re-run on the adapter's output (the late route),
+    /// with gradients through them but not into their weights. The SHERL code uses 1; 0 puts the
+    /// adapter's output straight on the head. Must be below the backbone's number of layers.
+    #[serde(default = "default_sherl_late_layers")]
+    #[schemars(range(min = 0, max = 64))]
+    pub late_layers: i32,
+}
+
+impl Default for SherlConfig {
+    fn default() -> Self {
+        Self {
+            reduction: default_sherl_reduction(),
+            late_layers: default_sherl_late_layers(),
+        }
+    }
+}
+
+fn default_sherl_reduction() -> i32 {
+    8
+}
+fn default_sherl_late_layers() -> i32 {
+    1
 }
 
 /// Visual query tuning (Tu, Mai, Chao, CVPR 2023): `queries` learnable tokens per block; the

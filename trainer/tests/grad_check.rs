@@ -307,6 +307,71 @@ fn vqt_gradients_match_finite_differences() {
     }
 }
 
+/// SHERL's settings for the checks: width 16 / 2 = 8, `late` blocks re-run on the adapters'
+/// output.
+fn sherl(late_layers: i32) -> MethodConfig {
+    MethodConfig::Sherl(petl_crds::SherlConfig {
+        reduction: 2,
+        late_layers,
+    })
+}
+
+/// SHERL's adapters, aggregation, output gate and head, on BERT with the late route (one block)
+/// and without it (the adapters read all three hidden states, so the redundancy term weighs two
+/// shallow layers), and on the ViT. The gate starts at 0, which leaves the backbone's state out
+/// of the sum; the checks move it off zero so that path is checked too. The late block passes
+/// gradients back but takes none: no backbone tensor gets one.
+#[test]
+fn sherl_gradients_match_finite_differences() {
+    let on_gate = |m: &dyn Method| {
+        for (name, v) in m.parameters() {
+            let start = match name.as_str() {
+                "sherl.gate_params" => 0.03,
+                "sherl.guide_block.fc_attn.bias" => 0.5,
+                _ => continue,
+            };
+            v.set(&Tensor::full(start, 1, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    };
+    for late_layers in [1, 0] {
+        let bert = tiny_bert();
+        let mut frozen = bert.clone();
+        let m = methods::for_bert(&sherl(late_layers), bert, 3, 1).unwrap();
+        on_gate(m.as_ref());
+        check_method(m.as_ref());
+        let (ids, mask, labels) = tiny_batch();
+        let logits = m.forward(&ids, &mask).unwrap();
+        let grads = tape::cross_entropy(&logits, &labels, None)
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, t) in frozen.parameters_mut() {
+            assert!(
+                grads.get(t).is_none(),
+                "backbone tensor {name} got a gradient"
+            );
+        }
+    }
+    let (vit, pixels, mask, labels) = tiny_vit_and_images();
+    let m = methods::build(&sherl(1), Box::new(vit), 3, 1).unwrap();
+    on_gate(m.as_ref());
+    check_method_on(m.as_ref(), &pixels, &mask, &labels);
+}
+
+/// The late route needs at least one early layer besides the one it replaces: on a two-layer
+/// backbone, two late layers are refused naming the setting.
+#[test]
+fn sherl_refuses_a_late_route_as_deep_as_the_backbone() {
+    match methods::for_bert(&sherl(2), tiny_bert(), 3, 1) {
+        Err(petl_trainer::Error::Config { field, .. }) => {
+            assert_eq!(field, "spec.method.sherl.lateLayers")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a late route over every layer was accepted"),
+    }
+}
+
 /// UniPT's up-projection starts at zero (as LoRA's B), which zeroes every other gradient of the
 /// parallel network; R²'s per-layer scales start at zero too (tanh(0) = 0 cuts the query-modulated
 /// pooling off). The checks move them off zero first.
@@ -442,6 +507,7 @@ fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
             zero_init_up: true,
         }),
         r2(2),
+        sherl(1),
     ];
     let (ids, mask, labels) = tiny_batch();
     for config in &configs {

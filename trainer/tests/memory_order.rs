@@ -82,6 +82,10 @@ fn lst_vqt_and_unipt_steps_need_less_memory_than_lora_which_needs_less_than_full
         ("vqt", MethodConfig::Vqt(VqtConfig::default())),
         ("unipt", MethodConfig::Unipt(UniptConfig::default())),
         ("r2", MethodConfig::R2(R2Config::default())),
+        (
+            "sherl",
+            MethodConfig::Sherl(petl_crds::SherlConfig::default()),
+        ),
     ] {
         let (total, step) = step_peak(&config, &batch);
         eprintln!(
@@ -103,5 +107,7 @@ fn lst_vqt_and_unipt_steps_need_less_memory_than_lora_which_needs_less_than_full
     assert!(step("unipt") < step("lora"), "{peaks:?}");
     assert!(total("r2") < total("lora"), "{peaks:?}");
     assert!(step("r2") < step("lora"), "{peaks:?}");
+    assert!(total("sherl") < total("lora"), "{peaks:?}");
+    assert!(step("sherl") < step("lora"), "{peaks:?}");
     assert!(step("lora") < step("full"), "{peaks:?}");
 }

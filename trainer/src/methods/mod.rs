@@ -9,6 +9,7 @@ pub mod linear_probe;
 pub mod lora;
 pub mod lst;
 pub mod r2;
+pub mod sherl;
 pub mod unipt;
 pub mod vqt;
 
@@ -92,6 +93,7 @@ registry! {
     Head => linear_probe::LinearProbe::new,
     Unipt => unipt::Unipt::new,
     R2 => r2::R2::new,
+    Sherl => sherl::Sherl::new,
 }
 
 /// Builds the method `config` names on a BERT backbone ([`build`] with a boxed [`Bert`]).

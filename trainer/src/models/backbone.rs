@@ -98,6 +98,12 @@ pub trait Backbone: Send {
         })
     }
 
+    /// Runs block `layer` alone on `h` `(B, T, d)`, a state at that block's input, attending over
+    /// the positions `token_mask` ([`Backbone::token_mask`]) marks real. The graph reaches `h`
+    /// when `h` tracks, while frozen weights stay frozen: a method back-propagates through the
+    /// pretrained block into its own output (SHERL's late route) without training the block.
+    fn run_block(&self, layer: usize, h: &Tensor, token_mask: &Tensor) -> Result<Tensor>;
+
     /// The distinct last components of [`Backbone::linears_mut`]'s paths: the names LoRA's
     /// `targetModules` can match (for messages).
     fn linear_names(&mut self) -> Vec<String> {

@@ -512,6 +512,11 @@ impl Backbone for Bert {
         let block = super::backbone::block(&self.layers, layer)?;
         block.forward_reading(queries, &tokens.detach(), bias)
     }
+
+    fn run_block(&self, layer: usize, h: &Tensor, token_mask: &Tensor) -> Result<Tensor> {
+        let block = super::backbone::block(&self.layers, layer)?;
+        block.forward(h, &self.attention_bias(token_mask)?)
+    }
 }
 
 /// The checkpoint, read tensor by tensor from the memory-mapped file.

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::backbone::{Backbone, LoraSite, Pooling};
 use super::vit::Vit;
-use crate::Result;
+use crate::{Result, tape};
 
 impl Backbone for Vit {
     fn hidden_size(&self) -> usize {
@@ -88,5 +88,10 @@ impl Backbone for Vit {
     ) -> Result<Tensor> {
         let block = super::backbone::block(&self.layers, layer)?;
         block.forward_reading(queries, Some(&tokens.detach()), bias)
+    }
+
+    fn run_block(&self, layer: usize, h: &Tensor, token_mask: &Tensor) -> Result<Tensor> {
+        let block = super::backbone::block(&self.layers, layer)?;
+        block.forward(h, &tape::attention_bias(token_mask, self.dtype())?)
     }
 }

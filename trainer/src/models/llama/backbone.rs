@@ -62,6 +62,12 @@ impl Backbone for Llama {
         self.norm.forward(last)
     }
 
+    fn run_block(&self, layer: usize, h: &Tensor, token_mask: &Tensor) -> Result<Tensor> {
+        let block = crate::models::backbone::block(&self.layers, layer)?;
+        let bias = self.bias(h.dim(1)?, Some(token_mask))?;
+        block.forward(h, &bias, &self.rope)
+    }
+
     fn linears_mut(&mut self) -> Vec<(String, &mut dyn LoraSite)> {
         self.projections_mut()
             .map(|p| (p.name.clone(), p as &mut dyn LoraSite))
