@@ -68,12 +68,11 @@ fn examples_dir() -> PathBuf {
 /// (`<method>-minilm-rotten-tomatoes.yaml`, which every registered method has). The same rate on
 /// both sides.
 pub fn learning_rate(method: &str, task: ImageTask) -> Result<(f64, String)> {
-    let candidates = [
+    for file in [
         format!("{method}-vit-{}.yaml", task.name()),
         format!("{method}-vit-{}.yaml", task.other().name()),
         format!("{method}-minilm-rotten-tomatoes.yaml"),
-    ];
-    for file in candidates {
+    ] {
         let path = examples_dir().join(&file);
         if !path.is_file() {
             continue;
@@ -88,6 +87,14 @@ pub fn learning_rate(method: &str, task: ImageTask) -> Result<(f64, String)> {
         return Ok((lr, file));
     }
     bail!("{method}: no example job gives a learning rate (looked for a ViT and a MiniLM example)")
+}
+
+/// The ViT example whose `spec.method` settings our run of `method` takes (LST's defaults
+/// initialise its side network from post-LayerNorm BERT blocks, which the ViT has not; the ViT
+/// example says `initFromBackbone: false`), or `None` for the method's defaults.
+pub fn method_settings(method: &str, task: ImageTask) -> Result<Option<PathBuf>> {
+    let (_, file) = learning_rate(method, task)?;
+    Ok(file.contains("-vit-").then(|| examples_dir().join(file)))
 }
 
 /// What to cut from the dataset.

@@ -99,6 +99,9 @@ struct Args {
     /// Internal: the child trains the ViT of this ONNX file on an image batches file.
     #[arg(long, hide = true)]
     onnx: Option<PathBuf>,
+    /// Internal: the example job whose method settings the child's ViT run takes.
+    #[arg(long, hide = true)]
+    job: Option<PathBuf>,
 }
 
 /// The learning rate of each method, the same on both sides: the one its example job
@@ -143,7 +146,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if let (Some(method), Some(batches), Some(lr)) = (&args.child, &args.batches, args.lr) {
         let measured = match &args.onnx {
-            Some(onnx) => ours::run_vit(method, onnx, batches, lr, args.phases)?,
+            Some(onnx) => {
+                ours::run_vit(method, onnx, args.job.as_deref(), batches, lr, args.phases)?
+            }
             None => ours::run(method, &text_model(&args), batches, lr, args.phases)?,
         };
         println!("{}", serde_json::to_string(&measured)?);
@@ -217,7 +222,10 @@ fn text_table(args: &Args) -> Result<()> {
         std::env::temp_dir().join(format!("petl-bench-trainer-{}.json", std::process::id()));
     Batches::from_dataset(&model, &data, &budget)?.write(&batches_path)?;
     let plan = Plan {
-        ours: with_rates(our_methods(args), learning_rate)?,
+        ours: with_rates(our_methods(args), learning_rate)?
+            .into_iter()
+            .map(|(m, lr)| (m, lr, Vec::new()))
+            .collect(),
         pytorch: with_rates(args.pytorch.clone(), learning_rate)?,
         child_args: vec!["--model".into(), model.clone().into()],
         peer_args: vec!["--model".into(), model.into()],
@@ -247,7 +255,10 @@ fn image_table(args: &Args, task: ImageTask) -> Result<()> {
     let rate = |m: &str| images::learning_rate(m, task);
     let ours = with_sources(our_methods(args), rate)?;
     let pytorch = with_sources(args.pytorch.clone(), rate)?;
-    let mut notes = vec!["learning rates (from the example job named):".to_string()];
+    let mut notes = vec![
+        "learning rates (from the example job named; a ViT example also gives our run its method settings):"
+            .to_string(),
+    ];
     for (method, lr, source) in ours.iter().chain(&pytorch) {
         let line = format!("  {method:<7} {lr:e} ({source})");
         if !notes.contains(&line) {
@@ -266,10 +277,17 @@ fn image_table(args: &Args, task: ImageTask) -> Result<()> {
     };
     eprintln!("{}: loading the images and the ViT ...", task.name());
     let prepared = images::prepare(task, &budget, &temp_stem(task.name()))?;
-    let strip = |v: Vec<(String, f64, String)>| v.into_iter().map(|(m, lr, _)| (m, lr)).collect();
+    let mut our_runs = Vec::new();
+    for (method, lr, _) in ours {
+        let own = match images::method_settings(&method, task)? {
+            Some(job) => vec!["--job".into(), job.into()],
+            None => Vec::new(),
+        };
+        our_runs.push((method, lr, own));
+    }
     let plan = Plan {
-        ours: strip(ours),
-        pytorch: strip(pytorch),
+        ours: our_runs,
+        pytorch: pytorch.into_iter().map(|(m, lr, _)| (m, lr)).collect(),
         child_args: vec!["--onnx".into(), prepared.onnx.clone().into()],
         peer_args: vec!["--vit".into(), prepared.hf_dir.clone().into()],
         batches: prepared.batches.clone(),
@@ -354,7 +372,8 @@ fn check_inputs(args: &Args, model: &Path, data: &Path, python: &Path) -> Result
 
 /// One table's runs: each method with its learning rate, and the arguments naming the model.
 struct Plan {
-    ours: Vec<(String, f64)>,
+    /// Method, learning rate, and any arguments of that method's child alone.
+    ours: Vec<(String, f64, Vec<OsString>)>,
     pytorch: Vec<(String, f64)>,
     child_args: Vec<OsString>,
     peer_args: Vec<OsString>,
@@ -367,11 +386,12 @@ fn run_all(args: &Args, python: &Path, plan: &Plan) -> Result<Vec<Measured>> {
     let me = std::env::current_exe()?;
     let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer.py");
     let mut results = Vec::new();
-    for (method, lr) in &plan.ours {
+    for (method, lr, own) in &plan.ours {
         eprintln!("ours: {method} ...");
         let out = Command::new(&me)
             .args(["--child", method, "--lr", &lr.to_string()])
             .args(&plan.child_args)
+            .args(own)
             .args(args.phases.then_some("--phases"))
             .arg("--batches")
             .arg(&plan.batches)

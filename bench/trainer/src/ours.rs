@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use candle_core::{DType, Device};
 use petl_crds::{MethodSpec, MethodType, Schedule};
 use petl_trainer::data::Batch;
@@ -32,18 +32,30 @@ pub fn run(method: &str, model: &Path, batches: &Path, lr: f64, phases: bool) ->
     train_and_score(method, method_impl, &train, &valid, lr, phases)
 }
 
-/// The ViT (`Vit::load` of the ONNX file, as `petl run` loads it) on the image batches file: see
+/// The ViT (`Vit::load` of the ONNX file, as `petl run` loads it) on the image batches file, with
+/// the method settings of the example job `settings` when given (else the method's defaults): see
 /// [`train_and_score`].
 pub fn run_vit(
     method: &str,
     onnx: &Path,
+    settings: Option<&Path>,
     batches: &Path,
     lr: f64,
     phases: bool,
 ) -> Result<Measured> {
+    let config = match settings {
+        Some(job) => {
+            let (_, spec) = petl_trainer::cli::load_job(job)?;
+            if spec.method.type_ != method.parse::<MethodType>()? {
+                bail!("{} is not a {method} job", job.display());
+            }
+            spec.method.config()
+        }
+        None => config(method)?,
+    };
     let (train, valid, num_labels) = images::read_batches(batches)?;
     let backbone = Vit::load(onnx, DType::F32, &Device::Cpu)?;
-    let method_impl = methods::build(&config(method)?, Box::new(backbone), num_labels, 42)?;
+    let method_impl = methods::build(&config, Box::new(backbone), num_labels, 42)?;
     train_and_score(method, method_impl, &train, &valid, lr, phases)
 }
 
