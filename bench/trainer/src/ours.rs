@@ -1,36 +1,81 @@
-//! Our side of one run, in a fresh process: load MiniLM, build the method, train on the shared
-//! batches with the peak resident set measured, then score the validation batches.
+//! Our side of one run, in a fresh process: load the backbone (MiniLM, or the DINOv2 ViT from its
+//! ONNX file), build the method, train on the shared batches with the peak resident set measured,
+//! then score the validation batches.
 
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use candle_core::{DType, Device};
 use petl_crds::{MethodSpec, MethodType, Schedule};
 use petl_trainer::data::Batch;
 use petl_trainer::memory;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::bert::Bert;
+use petl_trainer::models::vit::Vit;
 use petl_trainer::optim::AdamW;
 use petl_trainer::train::{self, TrainConfig, Trainer};
 
 use crate::batches::Batches;
+use crate::images;
 use crate::peak_rss::PeakRss;
 use crate::report::{self, Measured};
 
-/// Trains on every training batch of `batches` and scores the validation ones. With `phases`, the
-/// step is taken apart (forward, backward, optimiser) and timed per part instead of through
-/// `Trainer::train_step`; for profiling only, the table's step times come from `train_step`.
+/// MiniLM on the token batches file: see [`train_and_score`].
 pub fn run(method: &str, model: &Path, batches: &Path, lr: f64, phases: bool) -> Result<Measured> {
     let raw = Batches::read(batches)?;
     let (train, valid) = raw.to_candle()?;
     let num_labels = raw.num_labels;
     drop(raw);
-    // Each method's defaults (LoRA: rank 8, alpha 16, query and value, no dropout: what peer.py
-    // gives PEFT); a new method in the registry is benchmarked without an edit here.
-    let config = MethodSpec::of_type(method.parse::<MethodType>()?).config();
     let backbone = Bert::load(model, DType::F32, &Device::Cpu)?;
-    let method_impl = methods::for_bert(&config, backbone, num_labels, 42)?;
+    let method_impl = methods::for_bert(&config(method)?, backbone, num_labels, 42)?;
+    train_and_score(method, method_impl, &train, &valid, lr, phases)
+}
+
+/// The ViT (`Vit::load` of the ONNX file, as `petl run` loads it) on the image batches file, with
+/// the method settings of the example job `settings` when given (else the method's defaults): see
+/// [`train_and_score`].
+pub fn run_vit(
+    method: &str,
+    onnx: &Path,
+    settings: Option<&Path>,
+    batches: &Path,
+    lr: f64,
+    phases: bool,
+) -> Result<Measured> {
+    let config = match settings {
+        Some(job) => {
+            let (_, spec) = petl_trainer::cli::load_job(job)?;
+            if spec.method.type_ != method.parse::<MethodType>()? {
+                bail!("{} is not a {method} job", job.display());
+            }
+            spec.method.config()
+        }
+        None => config(method)?,
+    };
+    let (train, valid, num_labels) = images::read_batches(batches)?;
+    let backbone = Vit::load(onnx, DType::F32, &Device::Cpu)?;
+    let method_impl = methods::build(&config, Box::new(backbone), num_labels, 42)?;
+    train_and_score(method, method_impl, &train, &valid, lr, phases)
+}
+
+/// Each method's defaults (LoRA: rank 8, alpha 16, query and value, no dropout: what peer.py
+/// gives PEFT); a new method in the registry is benchmarked without an edit here.
+fn config(method: &str) -> Result<petl_crds::MethodConfig> {
+    Ok(MethodSpec::of_type(method.parse::<MethodType>()?).config())
+}
+
+/// Trains on every training batch and scores the validation ones. With `phases`, the step is
+/// taken apart (forward, backward, optimiser) and timed per part instead of through
+/// `Trainer::train_step`; for profiling only, the table's step times come from `train_step`.
+fn train_and_score(
+    method: &str,
+    method_impl: Box<dyn Method>,
+    train: &[Batch],
+    valid: &[Batch],
+    lr: f64,
+    phases: bool,
+) -> Result<Measured> {
     let trainable = method_impl.trainable_parameters();
     let mut trainer = Trainer::new(
         method_impl,
@@ -54,7 +99,7 @@ pub fn run(method: &str, model: &Path, batches: &Path, lr: f64, phases: bool) ->
     memory::reset_peak();
     let (mut times, mut losses) = (Vec::new(), Vec::new());
     let mut phases = phases.then(|| Phases::new(trainer.method()));
-    for batch in &train {
+    for batch in train {
         let start = Instant::now();
         let loss = match phases.as_mut() {
             Some(p) => p.step(trainer.method(), batch, lr)?,
@@ -65,7 +110,7 @@ pub fn run(method: &str, model: &Path, batches: &Path, lr: f64, phases: bool) ->
     }
     let peak_rss = rss.delta_bytes()?;
     let peak_heap = memory::peak_bytes() as i64 - base_heap as i64;
-    let eval = trainer.evaluate(&valid)?;
+    let eval = trainer.evaluate(valid)?;
     Ok(Measured {
         side: "ours".into(),
         method: method.into(),
@@ -79,6 +124,7 @@ pub fn run(method: &str, model: &Path, batches: &Path, lr: f64, phases: bool) ->
         final_loss: losses.last().copied().unwrap_or(f64::NAN),
         valid_accuracy: eval.accuracy.unwrap_or(f64::NAN),
         phase_seconds: phases.map(|p| p.means()),
+        pooled_max_abs_diff: None,
     })
 }
 

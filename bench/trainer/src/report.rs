@@ -24,6 +24,10 @@ pub struct Measured {
     /// With --phases: mean seconds of forward (with the loss), backward, optimiser (with clipping).
     #[serde(default)]
     pub phase_seconds: Option<[f64; 3]>,
+    /// Image peer only: max |petl's pooled features − the peer's| on the first training batch,
+    /// before training (the two backbones agree).
+    #[serde(default)]
+    pub pooled_max_abs_diff: Option<f64>,
 }
 
 /// Mean step time leaving out the first step (optimiser-state allocation and cold caches).
@@ -34,26 +38,24 @@ pub fn steady_mean(times: &[f64]) -> f64 {
 
 /// What the run was, for the table's header.
 pub struct Setup {
-    pub steps: usize,
-    pub batch: usize,
-    pub seq: usize,
-    pub valid: usize,
-    pub threads: usize,
+    /// The first line: model, data and budget.
+    pub title: String,
+    /// Lines printed under the load line (the image tables' learning rates).
+    pub notes: Vec<String>,
     pub load_before: String,
     pub load_after: String,
     pub wall_seconds: f64,
 }
 
 pub fn print_table(setup: &Setup, results: &[Measured]) {
-    println!(
-        "all-MiniLM-L6-v2 on Rotten Tomatoes: {} steps × {} examples (the same batches both sides), \
-         ≤{} tokens, accuracy on {} validation examples, {} threads per side",
-        setup.steps, setup.batch, setup.seq, setup.valid, setup.threads
-    );
+    println!("{}", setup.title);
     println!(
         "load average before {} / after {}; whole bench {:.0} s",
         setup.load_before, setup.load_after, setup.wall_seconds
     );
+    for note in &setup.notes {
+        println!("{note}");
+    }
     println!(
         "{:<8} {:<7} {:>7} {:>11} {:>13} {:>14} {:>8} {:>10} {:>10} {:>8}",
         "side",
@@ -88,6 +90,14 @@ pub fn print_table(setup: &Setup, results: &[Measured]) {
             .iter()
             .find(|m| m.side == side && m.method == method)
     };
+    for m in results {
+        if let Some(diff) = m.pooled_max_abs_diff {
+            println!(
+                "backbone check ({} {}, before training): max |pooled features ours − peer| on the first batch = {diff:.2e}",
+                m.side, m.method
+            );
+        }
+    }
     println!("ours / PyTorch+PEFT, same method:");
     for method in ["full", "lora", "head"] {
         if let (Some(o), Some(p)) = (find("ours", method), find("pytorch", method)) {
