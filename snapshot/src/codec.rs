@@ -128,6 +128,38 @@ pub fn encode_parity_into(
     stripe: usize,
     parity: &mut [Vec<u8>],
 ) -> Result<()> {
+    encode_stripes(layout, padded, shard_len, stripe, parity, None)
+}
+
+/// As [`encode_parity_into`], and returns each parity shard's [`shard_checksum`], hashed
+/// stripe by stripe as it is computed (while in cache), not in a second pass over the shard.
+pub fn encode_parity_checksummed_into(
+    layout: Layout,
+    padded: &[u8],
+    shard_len: usize,
+    stripe: usize,
+    parity: &mut [Vec<u8>],
+) -> Result<Vec<[u8; 32]>> {
+    let mut hashers = vec![blake3::Hasher::new(); layout.parity_shards];
+    encode_stripes(
+        layout,
+        padded,
+        shard_len,
+        stripe,
+        parity,
+        Some(&mut hashers),
+    )?;
+    Ok(hashers.iter().map(|h| h.finalize().into()).collect())
+}
+
+fn encode_stripes(
+    layout: Layout,
+    padded: &[u8],
+    shard_len: usize,
+    stripe: usize,
+    parity: &mut [Vec<u8>],
+    mut hashers: Option<&mut [blake3::Hasher]>,
+) -> Result<()> {
     let (k, m) = (layout.data_shards, layout.parity_shards);
     if padded.len() != k * shard_len
         || !shard_len.is_multiple_of(2)
@@ -154,6 +186,9 @@ pub fn encode_parity_into(
         let result = encoder.encode().map_err(codec_err)?;
         for (j, recovery) in result.recovery_iter().enumerate() {
             parity[j][off..off + len].copy_from_slice(recovery);
+            if let Some(hashers) = hashers.as_deref_mut() {
+                hashers[j].update(recovery);
+            }
         }
         off += len;
     }
@@ -275,6 +310,25 @@ mod tests {
         shards.remove(0); // only 3 intact of 4 needed remain (index 1 is corrupt)
         shards.retain(|s| s.index != 2);
         assert!(decode(layout, original.len(), &shards, 4096).is_err());
+    }
+
+    #[test]
+    fn parity_hashed_while_encoded_has_the_checksum_of_the_finished_shard() {
+        for (k, m, len, stripe) in [(2, 1, 10_000, 1024), (3, 2, 100_003, 4096), (3, 1, 64, 64)] {
+            let layout = Layout::new(k, m).unwrap();
+            let padded = pad(layout, bytes_of(len, 9));
+            let shard_len = layout.shard_len(len);
+            let mut parity = vec![vec![7u8; shard_len]; m];
+            let checksums =
+                encode_parity_checksummed_into(layout, &padded, shard_len, stripe, &mut parity)
+                    .unwrap();
+            assert_eq!(
+                parity,
+                encode_parity(layout, &padded, shard_len, stripe).unwrap()
+            );
+            let separate: Vec<[u8; 32]> = parity.iter().map(|p| shard_checksum(p)).collect();
+            assert_eq!(checksums, separate, "{k}+{m} of {len} bytes");
+        }
     }
 
     #[test]

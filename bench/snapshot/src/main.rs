@@ -69,6 +69,14 @@ fn parse_layout(s: &str) -> Result<(usize, usize), String> {
 
 fn main() {
     let args = Args::parse();
+    // The client's phases (handoff sealed, acknowledged) on stderr, as the agents log theirs
+    // with PETL_BENCH_AGENT_LOG: e.g. PETL_BENCH_LOG=petl_snapshot=debug.
+    if let Ok(filter) = std::env::var("PETL_BENCH_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     println!("# petl snapshot bench — load average before: {}", loadavg());
     if args.commit_only {
         commit_section(&args);

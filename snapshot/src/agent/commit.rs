@@ -31,8 +31,9 @@ pub(super) async fn commit_loop(agent: Arc<Agent>) {
 }
 
 /// Encodes one generation, stores every shard on its holder, and commits once all acknowledged.
-/// Each shard is hashed and sent on its own, so hashing one overlaps sending another and the
-/// data shards (slices of the handoff) leave while the parity is still being computed.
+/// Each data shard is hashed and sent on its own, so hashing one overlaps sending another and
+/// the data shards (slices of the handoff) leave while the parity is still being computed; the
+/// parity is hashed stripe by stripe as it is computed, in the same pass.
 async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()> {
     let layout = agent.cfg.layout;
     let original_len = copy.bytes.len();
@@ -48,11 +49,18 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
             .await?
         }
     };
-    let send_one = |index: usize, data: Bytes| async move {
-        let (checksum, data) = cpu("checksum", data.len(), move || {
-            (codec::shard_checksum(&data), data)
-        })
-        .await?;
+    tracing::debug!(generation, bytes = original_len, "commit started");
+    let send_one = |index: usize, data: Bytes, checksum: Option<[u8; 32]>| async move {
+        let (checksum, data) = match checksum {
+            Some(checksum) => (checksum, data),
+            None => {
+                cpu("checksum", data.len(), move || {
+                    (codec::shard_checksum(&data), data)
+                })
+                .await?
+            }
+        };
+        tracing::debug!(generation, index, "shard checksummed");
         let header = ShardHeader {
             owner: agent.rank(),
             generation,
@@ -62,11 +70,13 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
             original_len: original_len as u64,
             checksum,
         };
-        store_shard(agent, header, data).await
+        let stored = store_shard(agent, header, data).await;
+        tracing::debug!(generation, index, "shard stored");
+        stored
     };
     let data_sends = join_all(
         (0..layout.data_shards)
-            .map(|i| send_one(i, padded.slice(i * shard_len..(i + 1) * shard_len))),
+            .map(|i| send_one(i, padded.slice(i * shard_len..(i + 1) * shard_len), None)),
     );
     let parity_sends = async {
         let input = padded.clone();
@@ -75,15 +85,23 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
             let mut parity: Vec<Vec<u8>> = (0..layout.parity_shards)
                 .map(|_| pool.take(shard_len))
                 .collect();
-            codec::encode_parity_into(layout, &input, shard_len, stripe, &mut parity)?;
+            let checksums = codec::encode_parity_checksummed_into(
+                layout,
+                &input,
+                shard_len,
+                stripe,
+                &mut parity,
+            )?;
             Ok::<_, Error>(
                 parity
                     .into_iter()
                     .map(|p| pool.share(p))
+                    .zip(checksums)
                     .collect::<Vec<_>>(),
             )
         })
         .await??;
+        tracing::debug!(generation, "parity encoded");
         agent
             .metrics
             .encode_seconds
@@ -91,7 +109,7 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
         let sends = parity
             .into_iter()
             .enumerate()
-            .map(|(j, p)| send_one(layout.data_shards + j, p));
+            .map(|(j, (p, checksum))| send_one(layout.data_shards + j, p, Some(checksum)));
         Ok::<_, Error>(join_all(sends).await)
     };
     let (data_sent, parity_sent) = futures::join!(data_sends, parity_sends);
@@ -100,12 +118,14 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
     }
     let send_s = started.elapsed().as_secs_f64();
     agent.metrics.send_seconds.observe(send_s);
-    if !agent
+    tracing::debug!(generation, "every shard stored");
+    let committed_own = agent
         .store
         .lock()
         .expect("store lock")
-        .commit_own(generation)
-    {
+        .commit_own(generation);
+    tracing::debug!(generation, "own copy marked committed");
+    if !committed_own {
         return Err(Error::Superseded {
             generation,
             unreachable: None,
@@ -124,6 +144,7 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
     agent.metrics.generations_committed.inc();
     agent.metrics.committed_generation.set(generation as i64);
     agent.publish_committed();
+    agent.free_released();
     Ok(())
 }
 

@@ -244,6 +244,15 @@ impl Agent {
         });
     }
 
+    /// Frees what the store pruned (handed-over memfds, shard buffers) on a blocking thread,
+    /// outside the store lock and off the path of the request that pruned it.
+    fn free_released(&self) {
+        let released = self.store.lock().expect("store lock").take_released();
+        if !released.is_empty() {
+            tokio::task::spawn_blocking(move || drop(released));
+        }
+    }
+
     fn refresh_shard_gauge(&self) {
         let held = self.store.lock().expect("store lock").shards_held();
         self.metrics.shards_held.set(held as i64);

@@ -86,7 +86,9 @@ async fn serve(agent: Arc<Agent>, stream: TcpStream) {
                 Message::error(&e)
             }
         };
-        if conn.send(&reply).await.is_err() {
+        let sent = conn.send(&reply).await;
+        agent.free_released();
+        if sent.is_err() {
             return;
         }
     }

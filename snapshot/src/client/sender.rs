@@ -46,6 +46,13 @@ pub(super) fn send_loop(socket: &Path, shared: &Shared) {
                 return;
             }
             mailbox.sending = true;
+            if let Some((generation, at)) = mailbox.last_put {
+                tracing::debug!(
+                    generation,
+                    since_put_ms = at.elapsed().as_secs_f64() * 1e3,
+                    "handoff taken from the outbox"
+                );
+            }
             let discarded = std::mem::take(&mut mailbox.discarded);
             (mailbox.outbox.take().expect("waiting"), discarded)
         };
@@ -100,9 +107,17 @@ fn hand_over(
 ) -> Result<Ack> {
     // The memfd is written once and reused by every retry; without memfds (an old kernel) the
     // bytes go through the socket instead.
+    let sealing = std::time::Instant::now();
+    let prepared_file = file.is_some();
     let sealed = file
         .map_or_else(HandoffFile::new, Ok)
         .and_then(|f| f.seal(snapshot));
+    tracing::debug!(
+        generation = snapshot.generation,
+        prepared_file,
+        seal_ms = sealing.elapsed().as_secs_f64() * 1e3,
+        "handoff sealed"
+    );
     let prepared = match sealed {
         Ok((fd, len)) => Prepared::Memfd(fd, len),
         Err(e @ Error::Manifest(_)) => return Err(e),
