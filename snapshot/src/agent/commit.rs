@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::join_all;
 
-use super::{Agent, CALL_TIMEOUT, cpu};
+use super::{Agent, CALL_TIMEOUT, Request, cpu};
 use crate::codec;
 use crate::protocol::{Message, ShardHeader};
 use crate::store::OwnCopy;
@@ -50,34 +50,21 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
         }
     };
     tracing::debug!(generation, bytes = original_len, "commit started");
-    let send_one = |index: usize, data: Bytes, checksum: Option<[u8; 32]>| async move {
-        let (checksum, data) = match checksum {
-            Some(checksum) => (checksum, data),
-            None => {
-                cpu("checksum", data.len(), move || {
-                    (codec::shard_checksum(&data), data)
-                })
-                .await?
-            }
-        };
-        tracing::debug!(generation, index, "shard checksummed");
-        let header = ShardHeader {
-            owner: agent.rank(),
-            generation,
-            index: index as u32,
-            data_shards: layout.data_shards as u16,
-            parity_shards: layout.parity_shards as u16,
-            original_len: original_len as u64,
-            checksum,
-        };
-        let stored = store_shard(agent, header, data).await;
-        tracing::debug!(generation, index, "shard stored");
-        stored
+    let header = |index: usize, checksum: Option<[u8; 32]>| ShardHeader {
+        owner: agent.rank(),
+        generation,
+        index: index as u32,
+        data_shards: layout.data_shards as u16,
+        parity_shards: layout.parity_shards as u16,
+        original_len: original_len as u64,
+        checksum: checksum.unwrap_or_default(),
     };
-    let data_sends = join_all(
-        (0..layout.data_shards)
-            .map(|i| send_one(i, padded.slice(i * shard_len..(i + 1) * shard_len), None)),
-    );
+    // Each data shard on a task of its own, so both workers hash and send them.
+    let data_sends = join_all((0..layout.data_shards).map(|i| {
+        let (agent, header) = (agent.clone(), header(i, None));
+        let data = padded.slice(i * shard_len..(i + 1) * shard_len);
+        tokio::spawn(async move { store_shard(&agent, header, data, false).await })
+    }));
     let parity_sends = async {
         let input = padded.clone();
         let pool = agent.pool.clone();
@@ -106,14 +93,24 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
             .metrics
             .encode_seconds
             .observe(started.elapsed().as_secs_f64());
-        let sends = parity
-            .into_iter()
-            .enumerate()
-            .map(|(j, (p, checksum))| send_one(layout.data_shards + j, p, Some(checksum)));
+        let sends = parity.into_iter().enumerate().map(|(j, (p, checksum))| {
+            store_shard(
+                agent,
+                header(layout.data_shards + j, Some(checksum)),
+                p,
+                true,
+            )
+        });
         Ok::<_, Error>(join_all(sends).await)
     };
     let (data_sent, parity_sent) = futures::join!(data_sends, parity_sends);
-    for result in data_sent.into_iter().chain(parity_sent?) {
+    for result in data_sent {
+        result.map_err(|source| Error::Task {
+            what: "sending a data shard",
+            source,
+        })??;
+    }
+    for result in parity_sent? {
         result?;
     }
     let send_s = started.elapsed().as_secs_f64();
@@ -149,22 +146,53 @@ async fn commit(agent: &Arc<Agent>, generation: u64, copy: OwnCopy) -> Result<()
 }
 
 /// Sends one shard to its holder until acknowledged, or gives up once a newer handoff makes
-/// this generation moot (a dead holder would otherwise block every later commit).
-async fn store_shard(agent: &Arc<Agent>, header: ShardHeader, data: Bytes) -> Result<()> {
-    let holder = agent
-        .placement
-        .holder(agent.cfg.rank, header.index as usize);
+/// this generation moot (a dead holder would otherwise block every later commit). Without a
+/// `checksummed` header, the shard is hashed while it is sent (or, kept here, before).
+async fn store_shard(
+    agent: &Arc<Agent>,
+    mut header: ShardHeader,
+    data: Bytes,
+    mut checksummed: bool,
+) -> Result<()> {
+    let (generation, index) = (header.generation, header.index);
+    let holder = agent.placement.holder(agent.cfg.rank, index as usize);
     if holder == agent.cfg.rank {
+        if !checksummed {
+            let hashed = data.clone();
+            header.checksum = cpu("checksum", data.len(), move || {
+                codec::shard_checksum(&hashed)
+            })
+            .await?;
+        }
         agent.store.lock().expect("store lock").hold(header, data);
         agent.refresh_shard_gauge();
+        tracing::debug!(generation, index, "shard stored");
         return Ok(());
     }
-    let msg = Message::StoreShard { header, data };
     let mut backoff = Duration::from_millis(20);
     loop {
-        match agent.call(holder, &msg, CALL_TIMEOUT).await {
-            Ok(Message::Ack) => return Ok(()),
-            Ok(other) => {
+        let msg;
+        let request = if checksummed {
+            msg = Message::StoreShard {
+                header,
+                data: data.clone(),
+            };
+            Request::Message(&msg)
+        } else {
+            Request::HashedShard(&header, &data)
+        };
+        let reply = agent.request(holder, request, CALL_TIMEOUT).await;
+        if let Ok((_, Some(digest))) = &reply {
+            // Retries send the digest as computed; the bytes are sealed, it cannot change.
+            header.checksum = *digest;
+            checksummed = true;
+        }
+        match reply {
+            Ok((Message::Ack, _)) => {
+                tracing::debug!(generation, index, "shard stored");
+                return Ok(());
+            }
+            Ok((other, _)) => {
                 tracing::warn!(holder, reply = %other.kind(), "unexpected reply to a shard")
             }
             Err(e) => tracing::debug!(holder, error = %e, "shard not stored yet"),

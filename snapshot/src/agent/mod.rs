@@ -33,7 +33,7 @@ use crate::durable::DurableStore;
 use crate::metrics::Metrics;
 use crate::placement::Placement;
 use crate::pool::BufferPool;
-use crate::protocol::{AgentStatus, Conn, Message};
+use crate::protocol::{AgentStatus, Conn, Kind, Message, ShardHeader};
 use crate::store::Store;
 use crate::{Error, Result};
 
@@ -278,12 +278,30 @@ impl Agent {
     /// One request–response to a peer on its reused link; a failed link is dropped so the
     /// next call reconnects.
     async fn call(&self, peer: usize, msg: &Message, timeout: Duration) -> Result<Message> {
+        Ok(self.request(peer, Request::Message(msg), timeout).await?.0)
+    }
+
+    /// As [`Agent::call`], for a request that may be a shard hashed while it is sent; returns
+    /// the reply and, for such a shard, its digest.
+    async fn request(
+        &self,
+        peer: usize,
+        request: Request<'_>,
+        timeout: Duration,
+    ) -> Result<(Message, Option<[u8; 32]>)> {
         let mut link = self.links[peer].lock().await;
         let attempt = async {
             if link.is_none() {
                 *link = Some(self.dial(peer).await?);
             }
-            link.as_mut().expect("just dialled").call(msg).await
+            let conn = link.as_mut().expect("just dialled");
+            match request {
+                Request::Message(msg) => Ok((conn.call(msg).await?, None)),
+                Request::HashedShard(header, data) => {
+                    let digest = conn.send_shard(header, data).await?;
+                    Ok((conn.recv_reply().await?, Some(digest)))
+                }
+            }
         };
         let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(Err(Error::Remote { fault, message, .. })) => Err(Error::Remote {
@@ -296,7 +314,7 @@ impl Agent {
                 what: format!(
                     "rank {peer} ({}) did not answer {}",
                     self.cfg.peers[peer],
-                    msg.kind()
+                    request.kind()
                 ),
                 after: timeout,
             }),
@@ -323,6 +341,24 @@ impl Agent {
         let mut conn = Conn::new(stream, self.cfg.max_frame).with_pool(self.pool.clone());
         auth::connect(&mut conn, &self.cfg.secret, &self.cfg.job, self.rank()).await?;
         Ok(conn)
+    }
+}
+
+/// What [`Agent::request`] sends.
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    Message(&'a Message),
+    /// A `StoreShard` whose digest is computed while it is sent (`Conn::send_shard`); the
+    /// header's own checksum is ignored.
+    HashedShard(&'a ShardHeader, &'a [u8]),
+}
+
+impl Request<'_> {
+    fn kind(&self) -> Kind {
+        match self {
+            Request::Message(msg) => msg.kind(),
+            Request::HashedShard(..) => Kind::StoreShard,
+        }
     }
 }
 

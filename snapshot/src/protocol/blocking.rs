@@ -12,11 +12,11 @@ use crate::Result;
 
 /// Writes one unauthenticated frame on a blocking stream.
 pub fn send_blocking(w: &mut impl Write, msg: &Message) -> Result<()> {
-    let (small, payload) = msg.body();
-    let payload = payload.unwrap_or_default();
-    w.write_all(&make_header(msg.kind(), false, small.len() + payload.len()))?;
-    w.write_all(&small)?;
-    w.write_all(&payload)?;
+    let body = msg.body();
+    w.write_all(&make_header(msg.kind(), false, body.len()))?;
+    w.write_all(&body.lead)?;
+    w.write_all(&body.payload.unwrap_or_default())?;
+    w.write_all(&body.trailer)?;
     w.flush()?;
     Ok(())
 }
@@ -41,9 +41,9 @@ pub fn send_put_fd_blocking(
 ) -> Result<()> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let msg = Message::PutFd { len };
-    let (small, _) = msg.body();
-    let mut frame = make_header(msg.kind(), false, small.len()).to_vec();
-    frame.extend_from_slice(&small);
+    let body = msg.body();
+    let mut frame = make_header(msg.kind(), false, body.len()).to_vec();
+    frame.extend_from_slice(&body.lead);
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     let fds = [fd];

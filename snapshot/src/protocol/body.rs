@@ -1,6 +1,7 @@
 //! The byte layout of every message body (little-endian integers, length-prefixed strings,
-//! JSON for the agreement's status): written in two parts, a small lead and a large payload that
-//! is sent as it is; read field by field, each short read naming its field.
+//! JSON for the agreement's status): written in up to three parts, a small lead, a large payload
+//! that is sent as it is, and a shard's digest after it; read field by field, each short read
+//! naming its field.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -9,21 +10,40 @@ use super::ProtocolError;
 use super::message::{Fault, Kind, Message, ShardHeader, Tier};
 use crate::Result;
 
-/// Bytes of a shard header on the wire.
-pub(super) const SHARD_HEADER_LEN: usize = 4 + 8 + 4 + 2 + 2 + 8 + 32;
+/// Bytes of a shard header on the wire before its payload (all its fields but the digest).
+pub(super) const SHARD_LEAD_LEN: usize = 4 + 8 + 4 + 2 + 2 + 8;
+/// Bytes of a shard's digest, which follows its payload.
+pub(super) const DIGEST_LEN: usize = 32;
 
-/// Frames whose payload is bound by the BLAKE3 digest in their leading part: the MAC covers the
-/// frame header and that leading part, and the receiver hashes the payload against the digest
-/// as it arrives. A shard is thus hashed once when encoded and once per receipt, never again
-/// for a MAC. Returns the length of the leading part.
+/// Frames whose payload is bound by the BLAKE3 digest that follows it: the MAC covers the
+/// frame header, the leading part and that digest, and the receiver hashes the payload as it
+/// arrives and compares. A shard is thus hashed once when encoded and once per receipt, never
+/// again for a MAC; and as the digest comes last, the sender can hash a shard while it sends it
+/// (`Conn::send_shard`) instead of before. Returns the length of the leading part.
 pub(super) fn bound_payload(kind: Kind) -> Option<usize> {
-    matches!(kind, Kind::StoreShard | Kind::Shard).then_some(SHARD_HEADER_LEN)
+    matches!(kind, Kind::StoreShard | Kind::Shard).then_some(SHARD_LEAD_LEN)
+}
+
+/// A message body in the parts it is written in.
+pub(super) struct Body {
+    pub lead: Vec<u8>,
+    pub payload: Option<Bytes>,
+    /// A bound payload's digest (empty otherwise).
+    pub trailer: Vec<u8>,
+}
+
+impl Body {
+    pub fn len(&self) -> usize {
+        self.lead.len() + self.payload.as_ref().map_or(0, Bytes::len) + self.trailer.len()
+    }
 }
 
 impl Message {
-    /// The small leading part of the body and the large payload that follows it unchanged.
-    pub(super) fn body(&self) -> (Vec<u8>, Option<Bytes>) {
+    /// The small leading part of the body, the large payload that follows it unchanged, and a
+    /// shard's digest after that.
+    pub(super) fn body(&self) -> Body {
         let mut w = Vec::new();
+        let mut trailer = Vec::new();
         let payload = match self {
             Message::Hello { job, rank, nonce } => {
                 put_str(&mut w, job);
@@ -41,7 +61,8 @@ impl Message {
                 None
             }
             Message::StoreShard { header, data } | Message::Shard { header, data } => {
-                put_shard_header(&mut w, header);
+                put_shard_lead(&mut w, header);
+                trailer.extend_from_slice(&header.checksum);
                 Some(data.clone())
             }
             Message::Ack | Message::NotFound | Message::StatusQuery => None,
@@ -117,7 +138,11 @@ impl Message {
                 None
             }
         };
-        (w, payload)
+        Body {
+            lead: w,
+            payload,
+            trailer,
+        }
     }
 
     /// Reads a body of `kind`; every field must be there and nothing may follow the last.
@@ -136,10 +161,10 @@ impl Message {
             Kind::Proof => Message::Proof {
                 proof: r.array("proof")?,
             },
-            Kind::StoreShard => Message::StoreShard {
-                header: r.shard_header()?,
-                data: r.rest(),
-            },
+            Kind::StoreShard => {
+                let (header, data) = r.shard()?;
+                Message::StoreShard { header, data }
+            }
             Kind::Ack => Message::Ack,
             Kind::Commit => Message::Commit {
                 owner: r.u32("owner")?,
@@ -150,10 +175,10 @@ impl Message {
                 generation: r.u64("generation")?,
                 index: r.u32("index")?,
             },
-            Kind::Shard => Message::Shard {
-                header: r.shard_header()?,
-                data: r.rest(),
-            },
+            Kind::Shard => {
+                let (header, data) = r.shard()?;
+                Message::Shard { header, data }
+            }
             Kind::Rollback => Message::Rollback {
                 owner: r.u32("owner")?,
                 generation: r.u64("generation")?,
@@ -210,14 +235,14 @@ fn put_option(w: &mut Vec<u8>, value: Option<u64>) {
     w.extend_from_slice(&value.unwrap_or(0).to_le_bytes());
 }
 
-fn put_shard_header(w: &mut Vec<u8>, h: &ShardHeader) {
+/// A shard header's fields but its digest, which goes after the payload.
+pub(super) fn put_shard_lead(w: &mut Vec<u8>, h: &ShardHeader) {
     w.extend_from_slice(&h.owner.to_le_bytes());
     w.extend_from_slice(&h.generation.to_le_bytes());
     w.extend_from_slice(&h.index.to_le_bytes());
     w.extend_from_slice(&h.data_shards.to_le_bytes());
     w.extend_from_slice(&h.parity_shards.to_le_bytes());
     w.extend_from_slice(&h.original_len.to_le_bytes());
-    w.extend_from_slice(&h.checksum);
 }
 
 /// Reads fields off a body; running short names the field that was cut.
@@ -269,16 +294,36 @@ impl BodyReader {
             field,
         })
     }
-    fn shard_header(&mut self) -> Result<ShardHeader, ProtocolError> {
-        Ok(ShardHeader {
-            owner: self.u32("owner")?,
-            generation: self.u64("generation")?,
-            index: self.u32("index")?,
-            data_shards: self.u16("data_shards")?,
-            parity_shards: self.u16("parity_shards")?,
-            original_len: self.u64("original_len")?,
-            checksum: self.array("checksum")?,
-        })
+    /// A shard's leading fields, its payload, and the digest that ends the body.
+    fn shard(&mut self) -> Result<(ShardHeader, Bytes), ProtocolError> {
+        let owner = self.u32("owner")?;
+        let generation = self.u64("generation")?;
+        let index = self.u32("index")?;
+        let data_shards = self.u16("data_shards")?;
+        let parity_shards = self.u16("parity_shards")?;
+        let original_len = self.u64("original_len")?;
+        let left = self.body.len() - self.pos;
+        if left < DIGEST_LEN {
+            return Err(ProtocolError::ShortBody {
+                kind: self.kind,
+                field: "checksum",
+                needed: DIGEST_LEN,
+                left,
+            });
+        }
+        let data = self.body.slice(self.pos..self.body.len() - DIGEST_LEN);
+        self.pos += data.len();
+        let checksum = self.array("checksum")?;
+        let header = ShardHeader {
+            owner,
+            generation,
+            index,
+            data_shards,
+            parity_shards,
+            original_len,
+            checksum,
+        };
+        Ok((header, data))
     }
     fn rest(&mut self) -> Bytes {
         let rest = self.body.slice(self.pos..);
@@ -428,8 +473,13 @@ mod tests {
         let kinds: Vec<Kind> = all.iter().map(Message::kind).collect();
         assert_eq!(kinds, Kind::ALL, "one sample per kind, in wire order");
         for msg in all {
-            let (small, payload) = msg.body();
-            let body = [small, payload.unwrap_or_default().to_vec()].concat();
+            let body = msg.body();
+            let body = [
+                body.lead,
+                body.payload.unwrap_or_default().to_vec(),
+                body.trailer,
+            ]
+            .concat();
             assert_eq!(Message::decode(msg.kind(), Bytes::from(body)).unwrap(), msg);
         }
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::body::bound_payload;
-use super::message::Message;
+use super::body::{DIGEST_LEN, bound_payload, put_shard_lead};
+use super::message::{Kind, Message, ShardHeader};
 use super::{
     HEADER_LEN, LinkKeys, MAC_LEN, ProtocolError, constant_time_eq, ended_in_header, mac,
     make_header, parse_header, truncated_in,
@@ -59,23 +59,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     pub async fn send(&mut self, msg: &Message) -> Result<()> {
-        let (small, payload) = msg.body();
-        let payload = payload.unwrap_or_default();
+        let body = msg.body();
         let kind = msg.kind();
-        let header = make_header(kind, self.keys.is_some(), small.len() + payload.len());
+        let header = make_header(kind, self.keys.is_some(), body.len());
+        let payload = body.payload.unwrap_or_default();
         let tag = self.keys.as_ref().map(|keys| {
             let covered: &[&[u8]] = if bound_payload(kind).is_some() {
-                &[&small]
+                &[&body.lead, &body.trailer]
             } else {
-                &[&small, &payload]
+                &[&body.lead, &payload]
             };
             mac(&keys.send, self.send_seq, &header, covered)
         });
         let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
-        write_all_vectored(&mut self.stream, &[&header, &small, &payload, tag]).await?;
+        let pieces: [&[u8]; 5] = [&header, &body.lead, &payload, &body.trailer, tag];
+        write_all_vectored(&mut self.stream, &pieces).await?;
         self.send_seq += 1;
         self.stream.flush().await?;
         Ok(())
+    }
+
+    /// Sends a `StoreShard` of `data` whose digest is not known yet: each piece is hashed just
+    /// before it is written, and the digest follows the payload (see `bound_payload`), so the
+    /// shard starts leaving at once instead of after a pass over it. `header.checksum` is
+    /// ignored; the digest sent is returned. The frame is the one [`Conn::send`] writes for the
+    /// same shard with its digest filled in.
+    pub async fn send_shard(&mut self, header: &ShardHeader, data: &[u8]) -> Result<[u8; 32]> {
+        /// Bytes hashed then written at a time: the kernel copies them out of cache.
+        const PIECE: usize = 256 << 10;
+        let mut lead = Vec::new();
+        put_shard_lead(&mut lead, header);
+        let frame_header = make_header(
+            Kind::StoreShard,
+            self.keys.is_some(),
+            lead.len() + data.len() + DIGEST_LEN,
+        );
+        write_all_vectored(&mut self.stream, &[&frame_header, &lead]).await?;
+        let mut hasher = blake3::Hasher::new();
+        for piece in data.chunks(PIECE) {
+            hasher.update(piece);
+            self.stream.write_all(piece).await?;
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        let tag = self
+            .keys
+            .as_ref()
+            .map(|keys| mac(&keys.send, self.send_seq, &frame_header, &[&lead, &digest]));
+        let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
+        write_all_vectored(&mut self.stream, &[&digest, tag]).await?;
+        self.send_seq += 1;
+        self.stream.flush().await?;
+        Ok(digest)
     }
 
     /// Receives one frame whose body may be at most `limit` bytes (and at most the link's limit).
@@ -90,7 +124,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
         }
         let header = parse_header(&raw, self.keys.is_some(), limit.min(self.max_body))?;
-        let bound = bound_payload(header.kind).map(|lead| lead.min(header.len));
+        // A bound payload lies between the leading part and the digest after it; the MAC covers
+        // the rest of the body, in order.
+        let bound = bound_payload(header.kind).map(|lead| {
+            let lead = lead.min(header.len);
+            (lead, header.len.saturating_sub(DIGEST_LEN).max(lead))
+        });
         let mut frame_mac = self.keys.as_ref().map(|keys| {
             let mut h = blake3::Hasher::new_keyed(&keys.recv);
             h.update(&self.recv_seq.to_le_bytes());
@@ -98,7 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             h
         });
         let mut payload_hash = bound.map(|_| blake3::Hasher::new());
-        let covered_by_mac = bound.unwrap_or(header.len);
+        let (payload_start, payload_end) = bound.unwrap_or((header.len, header.len));
         // A recycled buffer's pages are already mapped; a fresh one (calloc) is zero-mapped
         // lazily, so neither costs a pass before the kernel copies into it.
         let mut body = match &self.pool {
@@ -115,12 +154,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
             got += n;
             let fresh = &body[before..got];
-            let split = covered_by_mac.clamp(before, before + n) - before;
+            let start = payload_start.clamp(before, got) - before;
+            let end = payload_end.clamp(before, got) - before;
             if let Some(h) = frame_mac.as_mut() {
-                h.update(&fresh[..split]);
+                h.update(&fresh[..start]);
+                h.update(&fresh[end..]);
             }
             if let Some(h) = payload_hash.as_mut() {
-                h.update(&fresh[split..]);
+                h.update(&fresh[start..end]);
             }
         }
         if let Some(h) = frame_mac {
@@ -161,6 +202,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// `peer`.
     pub async fn call(&mut self, msg: &Message) -> Result<Message> {
         self.send(msg).await?;
+        self.recv_reply().await
+    }
+
+    /// Reads the reply to a request just sent; an `Error` reply becomes [`Error::Remote`].
+    pub async fn recv_reply(&mut self) -> Result<Message> {
         match self.recv().await? {
             Message::Error { fault, message } => Err(Error::Remote {
                 from: "the peer".into(),
@@ -315,12 +361,13 @@ mod tests {
         }
         // A flipped bit anywhere in a keyed frame is refused.
         let msg = &samples()[1];
-        let (small, payload) = msg.body();
-        let payload = payload.unwrap();
-        let header = make_header(msg.kind(), true, small.len() + payload.len());
-        // A shard's MAC covers its header, whose digest binds the payload.
-        let tag = mac(&keys().send, 0, &header, &[&small]);
-        let frame = [&header[..], &small, &payload, &tag].concat();
+        let body = msg.body();
+        let (small, trailer) = (&body.lead, &body.trailer);
+        let payload = body.payload.clone().unwrap();
+        let header = make_header(msg.kind(), true, body.len());
+        // A shard's MAC covers its header and the digest after the payload, which binds it.
+        let tag = mac(&keys().send, 0, &header, &[small, trailer]);
+        let frame = [&header[..], small, &payload, trailer, &tag].concat();
         let payload_at = HEADER_LEN + small.len()..HEADER_LEN + small.len() + 6;
         for i in 0..frame.len() {
             let mut bad = frame.clone();
@@ -352,6 +399,54 @@ mod tests {
             msg,
             "the hand-built frame is valid"
         );
+    }
+
+    #[tokio::test]
+    async fn a_shard_hashed_while_sent_is_the_frame_of_the_shard_with_its_digest() {
+        let data = Bytes::from(
+            (0..700_000u32)
+                .map(|i| (i * 7 % 251) as u8)
+                .collect::<Vec<_>>(),
+        );
+        let header = ShardHeader {
+            checksum: [0; 32],
+            ..shard_header()
+        };
+        let whole = Message::StoreShard {
+            header: ShardHeader {
+                checksum: crate::codec::shard_checksum(&data),
+                ..header
+            },
+            data: data.clone(),
+        };
+        let frame = |streamed: bool| {
+            let (whole, data) = (whole.clone(), data.clone());
+            async move {
+                let (a, mut b) = tokio::io::duplex(1 << 16);
+                let reader = tokio::spawn(async move {
+                    let mut frame = Vec::new();
+                    b.read_to_end(&mut frame).await.unwrap();
+                    frame
+                });
+                let mut tx = Conn::new(a, 1 << 20);
+                tx.authenticate(keys());
+                if streamed {
+                    let digest = tx.send_shard(&header, &data).await.unwrap();
+                    assert_eq!(digest, crate::codec::shard_checksum(&data));
+                } else {
+                    tx.send(&whole).await.unwrap();
+                }
+                drop(tx);
+                reader.await.unwrap()
+            }
+        };
+        let streamed = frame(true).await;
+        assert_eq!(streamed, frame(false).await);
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut rx = Conn::new(b, 1 << 20);
+        rx.authenticate(keys());
+        tokio::spawn(async move { a.write_all(&streamed).await.unwrap() });
+        assert_eq!(rx.recv().await.unwrap(), whole);
     }
 
     /// Feeds `bytes` and then the end of the stream to a keyed receiver.

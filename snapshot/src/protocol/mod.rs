@@ -19,7 +19,7 @@ pub use message::{AgentStatus, Fault, Kind, Message, ShardHeader, Tier};
 
 const MAGIC: &[u8; 4] = b"PSNF";
 /// Bumped on any change of the header or of a body layout.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 const HEADER_LEN: usize = 16;
 const MAC_LEN: usize = 32;
 const FLAG_MAC: u16 = 1;
