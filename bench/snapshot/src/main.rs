@@ -50,6 +50,10 @@ struct Args {
     /// Timed commits per case of the commit section (each of one rank alone and of all ranks).
     #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// Pause before each timed commit and each timed floor of the commit section, ms (the
+    /// training step between two snapshots).
+    #[arg(long, default_value_t = 100)]
+    settle_ms: u64,
     /// Agent processes of the end-to-end and commit sections.
     #[arg(long, default_value_t = 4)]
     world: usize,
@@ -349,40 +353,58 @@ fn state(generation: u64, bytes: usize, rank: usize) -> Snapshot {
 /// Seconds to push `streams` × `len` bytes through loopback TCP at once, one sender and one
 /// receiver thread per stream, into buffers already touched: the floor for moving shards.
 fn loopback_tcp(len: usize, streams: usize) -> f64 {
-    use std::io::Read;
-    let payload = std::sync::Arc::new(random_bytes(len));
-    let mut sinks = Vec::new();
-    let mut addrs = Vec::new();
-    for _ in 0..streams {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        addrs.push(listener.local_addr().unwrap());
-        sinks.push(std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut buf = vec![1u8; len];
-            let mut rounds = Vec::new();
-            loop {
-                let t = Instant::now();
-                if s.read_exact(&mut buf).is_err() {
-                    return rounds;
+    let mut links = RawLinks::new(len, streams);
+    links.once(); // warm-up: buffers, TCP windows
+    median((0..5).map(|_| links.once()).collect())
+}
+
+/// `streams` loopback TCP connections, each with a receiver thread reading `len` bytes into a
+/// buffer already touched and answering one byte, kept open so that the floor can be timed
+/// between commits, under the same load.
+struct RawLinks {
+    payload: std::sync::Arc<Vec<u8>>,
+    links: Vec<std::net::TcpStream>,
+    sinks: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RawLinks {
+    fn new(len: usize, streams: usize) -> RawLinks {
+        use std::io::Read;
+        let mut sinks = Vec::new();
+        let mut addrs = Vec::new();
+        for _ in 0..streams {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            addrs.push(listener.local_addr().unwrap());
+            sinks.push(std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = vec![1u8; len];
+                while s.read_exact(&mut buf).is_ok() {
+                    s.write_all(&[1]).unwrap();
                 }
-                rounds.push(t);
-                s.write_all(&[1]).unwrap();
-            }
-        }));
+            }));
+        }
+        let links = addrs
+            .iter()
+            .map(|a| {
+                let s = std::net::TcpStream::connect(a).unwrap();
+                s.set_nodelay(true).unwrap();
+                s
+            })
+            .collect();
+        RawLinks {
+            payload: std::sync::Arc::new(random_bytes(len)),
+            links,
+            sinks,
+        }
     }
-    let mut links: Vec<std::net::TcpStream> = addrs
-        .iter()
-        .map(|a| {
-            let s = std::net::TcpStream::connect(a).unwrap();
-            s.set_nodelay(true).unwrap();
-            s
-        })
-        .collect();
-    let once = |links: &mut Vec<std::net::TcpStream>| {
+
+    /// Seconds to send the payload on every link at once and have each acknowledged.
+    fn once(&mut self) -> f64 {
+        use std::io::Read;
         let t = Instant::now();
         std::thread::scope(|scope| {
-            for link in links.iter_mut() {
-                let payload = payload.clone();
+            for link in self.links.iter_mut() {
+                let payload = self.payload.clone();
                 scope.spawn(move || {
                     link.write_all(&payload).unwrap();
                     let mut ack = [0u8; 1];
@@ -391,14 +413,16 @@ fn loopback_tcp(len: usize, streams: usize) -> f64 {
             }
         });
         t.elapsed().as_secs_f64()
-    };
-    once(&mut links); // warm-up: buffers, TCP windows
-    let took = median((0..5).map(|_| once(&mut links)).collect());
-    drop(links);
-    for sink in sinks {
-        sink.join().unwrap();
     }
-    took
+}
+
+impl Drop for RawLinks {
+    fn drop(&mut self) {
+        self.links.clear();
+        for sink in self.sinks.drain(..) {
+            let _ = sink.join();
+        }
+    }
 }
 
 /// Filesystem type and source of the mount holding `path`, from /proc/self/mountinfo.
@@ -795,7 +819,8 @@ fn commit_section(args: &Args) {
         args.rounds
     );
     println!(
-        "(floor = serialise (manifest + BLAKE3 per part) + the shards leaving the agent, raw over loopback TCP at once; target commit <= 1.5x floor)"
+        "(floor = serialise (manifest + BLAKE3 per part) + the shards leaving the agent, raw over loopback TCP at once, timed alternately with the commits after the same {} ms pause; target commit <= 1.5x floor)",
+        args.settle_ms
     );
     println!(
         "{:<6} {:>8} {:>7} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
@@ -818,12 +843,13 @@ fn commit_section(args: &Args) {
             continue;
         }
         for &mib in &args.commit_sizes_mib {
-            commit_row(&bin, world, k, m, mib << 20, args.rounds);
+            commit_row(&bin, world, k, m, mib << 20, args);
         }
     }
 }
 
-fn commit_row(bin: &Path, world: usize, k: usize, m: usize, bytes: usize, rounds: usize) {
+fn commit_row(bin: &Path, world: usize, k: usize, m: usize, bytes: usize, args: &Args) {
+    let (rounds, settle_ms) = (args.rounds, args.settle_ms);
     let agents = Agents::start(bin, world, k, m);
     let clients: Vec<SnapshotClient> = (0..world)
         .map(|r| SnapshotClient::new(agents.socket(r)))
@@ -856,38 +882,49 @@ fn commit_row(bin: &Path, world: usize, k: usize, m: usize, bytes: usize, rounds
         }
         started.elapsed().as_secs_f64()
     };
+    let placement = petl_snapshot::Placement::new(world, Layout::new(k, m).unwrap()).unwrap();
+    let leaving = (0..k + m).filter(|&i| placement.holder(0, i) != 0).count();
+    let shard_len = Layout::new(k, m).unwrap().shard_len(encoded_len);
+    // The floor's two parts, timed one after the other: serialising (for every rank: each on
+    // a thread of its own, at once), then the raw transfer of the shards that leave.
+    let serialise = |ranks: usize| {
+        let t = Instant::now();
+        std::thread::scope(|scope| {
+            for s in &template[..ranks] {
+                scope.spawn(move || std::hint::black_box(s.encode_parts().unwrap()));
+            }
+        });
+        t.elapsed().as_secs_f64()
+    };
+    let mut raw_one = RawLinks::new(shard_len, leaving);
+    let mut raw_all = RawLinks::new(shard_len, world * leaving);
     let all: Vec<usize> = (0..world).collect();
     // Warm-up: links dialled, buffers and pools faulted in.
     commit(&all);
     commit(&all);
-    let mut one = Vec::new();
-    let mut every = Vec::new();
+    raw_one.once();
+    raw_all.once();
+    // Each commit and each floor is timed after the same pause (the training step between two
+    // snapshots: the client prepares its next memfd, the agents free what they pruned), and
+    // they alternate, so a load that shifts during the run weighs on both alike.
+    let settle = || std::thread::sleep(Duration::from_millis(settle_ms));
+    let (mut one, mut every, mut floor_one, mut floor_all) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
+        settle();
         one.push(commit(&[0]));
+        settle();
+        floor_one.push(serialise(1) + raw_one.once());
+        settle();
         every.push(commit(&all));
+        settle();
+        floor_all.push(serialise(world) + raw_all.once());
     }
+    drop((raw_one, raw_all));
     drop(clients);
     drop(agents);
-
-    let placement = petl_snapshot::Placement::new(world, Layout::new(k, m).unwrap()).unwrap();
-    let leaving = (0..k + m).filter(|&i| placement.holder(0, i) != 0).count();
-    let shard_len = Layout::new(k, m).unwrap().shard_len(encoded_len);
     let t_serialise = time_median(|| {
         std::hint::black_box(template[0].encode_parts().unwrap());
     });
-    let t_serialise_all = median(
-        (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                std::thread::scope(|scope| {
-                    for s in &template {
-                        scope.spawn(move || std::hint::black_box(s.encode_parts().unwrap()));
-                    }
-                });
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    );
     // Where a lone rank's commit spends what the floor does not: the handoff into a sealed memfd
     // (serialise + copy; into new pages, or into pages the sender allocated while idle), the
     // agent mapping it, and the BLAKE3 of a shard (done by the owner for every shard and by
@@ -931,8 +968,7 @@ fn commit_row(bin: &Path, world: usize, k: usize, m: usize, bytes: usize, rounds
     let t_shard_hash = time_median(|| {
         std::hint::black_box(codec::shard_checksum(&shard));
     });
-    let floor_one = t_serialise + loopback_tcp(shard_len, leaving);
-    let floor_all = t_serialise_all + loopback_tcp(shard_len, world * leaving);
+    let (floor_one, floor_all) = (median(floor_one), median(floor_all));
     let (c1, call) = (median(one), median(every));
     println!(
         "{:<6} {:>8} {:>7} {:>12} {:>12} {:>6.2}x {:>12} {:>12} {:>6.2}x",
