@@ -149,7 +149,7 @@ fn lst_on_quantized_smollm2_trains_only_its_side_network_and_lowers_the_loss() {
         // Six of the 30 layers keep the side network small and the test fast.
         layers: Some(vec![4, 9, 14, 19, 24, 29]),
         gate_init: 0.0,
-        init_from_backbone: false,
+        init_from_backbone: Some(false),
     });
     let method = build(&config);
     assert!(
