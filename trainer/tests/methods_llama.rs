@@ -205,9 +205,20 @@ fn methods_that_would_train_quantized_or_absent_tensors_refuse_by_name() {
     );
     let bitfit = refusal(&MethodSpec::of_type(MethodType::Bitfit).config());
     assert!(bitfit.contains("bias"), "{bitfit}");
-    // LST's default pruned initialisation copies BERT-style blocks, which Llama lacks.
-    let lst = refusal(&MethodSpec::of_type(MethodType::Lst).config());
+    // LST's pruned initialisation copies BERT-style blocks, which Llama lacks: asked for, it is
+    // refused; unset, LST starts its side network randomly.
+    let lst = refusal(&MethodConfig::Lst(LstConfig {
+        init_from_backbone: Some(true),
+        ..LstConfig::default()
+    }));
     assert!(lst.contains("initFromBackbone"), "{lst}");
+    methods::build(
+        &MethodSpec::of_type(MethodType::Lst).config(),
+        Box::new(model.clone()),
+        2,
+        7,
+    )
+    .unwrap();
     // VQT runs query tokens through the blocks, which the Llama backbone does not offer.
     let vqt = methods::build(
         &MethodSpec::of_type(MethodType::Vqt).config(),
