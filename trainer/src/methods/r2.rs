@@ -114,9 +114,9 @@ impl Map {
 
     /// `drops`: this layer's two dropouts (each layer draws its own masks).
     fn forward(&self, x: &Tensor, drops: &[Dropout]) -> Result<Tensor> {
-        let h = dropout(&self.norm_in.forward(x)?, &drops[0])?;
+        let h = drops[0].forward(&self.norm_in.forward(x)?)?;
         let h = relu(&self.linear_in.forward(&h)?)?;
-        let h = dropout(&self.norm_mid.forward(&h)?, &drops[1])?;
+        let h = drops[1].forward(&self.norm_mid.forward(&h)?)?;
         self.linear_out.forward(&h)
     }
 
@@ -474,15 +474,6 @@ fn relu(x: &Tensor) -> Result<Tensor> {
     tape::attach(&[x], y, move |g| {
         Ok(vec![Some((g * passed.to_dtype(g.dtype())?)?)])
     })
-}
-
-/// Inverted dropout as one node that saves only its mask (candle's `mul` would keep `x` too).
-fn dropout(x: &Tensor, layer: &Dropout) -> Result<Tensor> {
-    let Some(mask) = layer.mask(x)? else {
-        return Ok(x.clone());
-    };
-    let value = (x.detach() * &mask)?;
-    tape::attach(&[x], value, move |g| Ok(vec![Some((g * &mask)?)]))
 }
 
 #[cfg(test)]
