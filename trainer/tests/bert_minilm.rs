@@ -137,6 +137,15 @@ fn forward_matches_candle_transformers_bert_on_minilm() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(last < 1e-6, "forward_hidden's last state differs by {last}");
+
+    // Stopping after some blocks gives the same first states and runs nothing past them.
+    let first = ours.forward_hidden_through(&ids, &mask, 4).unwrap();
+    assert_eq!(first.len(), 5);
+    for (a, b) in first.iter().zip(&states) {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
+    assert!(ours.forward_hidden_through(&ids, &mask, 7).is_err());
 }
 
 #[test]

@@ -161,10 +161,12 @@ impl Method for Sherl {
     }
 
     fn forward(&self, input: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let mut taps = self.backbone.taps(input, attention_mask)?;
+        // The late blocks run once, with a graph, on the adapters' output: the frozen pass
+        // stops before them.
+        let mut taps = self
+            .backbone
+            .taps_through(input, attention_mask, self.late.start)?;
         let mask = self.backbone.token_mask(input, attention_mask)?;
-        // The late blocks' own outputs are recomputed, with a graph, on the adapters' output.
-        taps.truncate(self.adapters.len());
         let mut features = self
             .adapters
             .iter()

@@ -39,7 +39,19 @@ pub trait Backbone: Send {
 
     /// The `L + 1` hidden states `(B, T, d)`: the embeddings' output, then each block's output.
     /// Built without a graph (each state detached): what side networks and ladders read.
-    fn taps(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<Tensor>>;
+    fn taps(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<Tensor>> {
+        self.taps_through(input_ids, attention_mask, self.num_layers())
+    }
+
+    /// The first `blocks + 1` of [`Backbone::taps`]: the embeddings' output, then the outputs of
+    /// blocks `0..blocks`; the later blocks are not run. A method that re-runs the last blocks
+    /// itself (SHERL's late route) reads only the taps before them.
+    fn taps_through(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        blocks: usize,
+    ) -> Result<Vec<Tensor>>;
 
     /// The final hidden states `(B, T, d)` a classifier reads (after the final norm where the
     /// architecture has one), tracked wherever something in the backbone trains.
@@ -119,6 +131,16 @@ pub trait Backbone: Send {
 }
 
 /// Block `layer` of `blocks`, or an error naming the range.
+/// The first `blocks` of a backbone's blocks, or an error naming how many it has.
+pub(crate) fn first_blocks<L>(blocks: &[L], count: usize) -> Result<&[L]> {
+    blocks.get(..count).ok_or_else(|| {
+        Error::Internal(format!(
+            "taps through {count} blocks asked of a backbone with {}",
+            blocks.len()
+        ))
+    })
+}
+
 pub(crate) fn block<L>(blocks: &[L], layer: usize) -> Result<&L> {
     blocks.get(layer).ok_or_else(|| Error::Config {
         field: "layer".into(),

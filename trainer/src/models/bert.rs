@@ -348,10 +348,21 @@ impl Bert {
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Vec<Tensor>> {
+        self.forward_hidden_through(input_ids, attention_mask, self.layers.len())
+    }
+
+    /// The embeddings' output and the outputs of the first `blocks` layers, with no graph.
+    pub fn forward_hidden_through(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        blocks: usize,
+    ) -> Result<Vec<Tensor>> {
+        let layers = crate::models::backbone::first_blocks(&self.layers, blocks)?;
         let bias = self.attention_bias(attention_mask)?;
         let mut h = self.embed(input_ids)?.detach();
-        let mut states = Vec::with_capacity(self.layers.len() + 1);
-        for layer in &self.layers {
+        let mut states = Vec::with_capacity(blocks + 1);
+        for layer in layers {
             let next = layer.forward(&h, &bias)?.detach();
             states.push(std::mem::replace(&mut h, next));
         }
@@ -472,8 +483,13 @@ impl Backbone for Bert {
         Bert::device(self)
     }
 
-    fn taps(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<Tensor>> {
-        self.forward_hidden(input_ids, attention_mask)
+    fn taps_through(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        blocks: usize,
+    ) -> Result<Vec<Tensor>> {
+        self.forward_hidden_through(input_ids, attention_mask, blocks)
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {

@@ -565,10 +565,16 @@ impl Vit {
     /// All `L + 1` hidden states (embeddings, then each block's output, before the final
     /// LayerNorm) with no graph: what side networks and ladders read. Each state is detached.
     pub fn forward_hidden(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+        self.forward_hidden_through(pixels, self.layers.len())
+    }
+
+    /// The embeddings' output and the outputs of the first `blocks` blocks, with no graph.
+    pub fn forward_hidden_through(&self, pixels: &Tensor, blocks: usize) -> Result<Vec<Tensor>> {
+        let layers = crate::models::backbone::first_blocks(&self.layers, blocks)?;
         let mut h = self.embed(pixels)?.detach();
         let bias = self.attention_bias(h.dim(1)?)?;
-        let mut states = Vec::with_capacity(self.layers.len() + 1);
-        for layer in &self.layers {
+        let mut states = Vec::with_capacity(blocks + 1);
+        for layer in layers {
             let next = layer.forward(&h, &bias)?.detach();
             states.push(std::mem::replace(&mut h, next));
         }

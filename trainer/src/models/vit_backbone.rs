@@ -37,8 +37,13 @@ impl Backbone for Vit {
         Vit::device(self)
     }
 
-    fn taps(&self, pixels: &Tensor, _attention_mask: &Tensor) -> Result<Vec<Tensor>> {
-        self.forward_hidden(pixels)
+    fn taps_through(
+        &self,
+        pixels: &Tensor,
+        _attention_mask: &Tensor,
+        blocks: usize,
+    ) -> Result<Vec<Tensor>> {
+        self.forward_hidden_through(pixels, blocks)
     }
 
     fn forward(&self, pixels: &Tensor, _attention_mask: &Tensor) -> Result<Tensor> {

@@ -41,9 +41,23 @@ impl Backbone for Llama {
         &self.device
     }
 
-    fn taps(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Vec<Tensor>> {
+    fn taps_through(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        blocks: usize,
+    ) -> Result<Vec<Tensor>> {
+        let layers = crate::models::backbone::first_blocks(&self.layers, blocks)?;
         let ids = input_ids.to_dtype(DType::U32)?;
-        Ok(self.forward_hidden(&ids, Some(attention_mask))?.layers)
+        let bias = self.bias(ids.dim(1)?, Some(attention_mask))?;
+        let mut h = self.embed(&ids)?.detach();
+        let mut states = Vec::with_capacity(blocks + 1);
+        for layer in layers {
+            let next = layer.forward(&h, &bias, &self.rope)?.detach();
+            states.push(std::mem::replace(&mut h, next));
+        }
+        states.push(h);
+        Ok(states)
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
