@@ -7,6 +7,7 @@ pub mod kernels;
 pub mod memory;
 pub mod methods;
 pub mod models;
+pub mod nn;
 pub mod optim;
 pub mod sharding;
 pub mod tape;

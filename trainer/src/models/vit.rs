@@ -14,7 +14,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::tape::{self, Activation, LayerNorm, Linear};
+use crate::nn::{self, Activation, LayerNorm, Linear};
+use crate::tape;
 use crate::{Error, Result};
 
 /// The fields of a `Dinov2Config` (`config.json`) the backbone needs.
@@ -192,14 +193,14 @@ impl Layer {
             self.key.forward(c)?,
             self.value.forward(c)?,
         );
-        let ctx = tape::attention(&q, &k, &v, bias, self.heads)?;
+        let ctx = nn::attention(&q, &k, &v, bias, self.heads)?;
         let a = self.attention_output.forward(&ctx)?;
-        let h = tape::scaled_residual(h, &a, &self.layer_scale1)?;
+        let h = nn::scaled_residual(h, &a, &self.layer_scale1)?;
         let m = self
             .fc1
             .forward_act(&self.norm2.forward(&h)?, Activation::Gelu)?;
         let m = self.fc2.forward(&m)?;
-        tape::scaled_residual(&h, &m, &self.layer_scale2)
+        nn::scaled_residual(&h, &m, &self.layer_scale2)
     }
 
     /// The block's linears under their checkpoint module names, relative to the block.

@@ -8,7 +8,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::models::backbone::LoraSite;
-use crate::tape::{self, LoraDelta, attach};
+use crate::nn::{self, LoraDelta};
+use crate::tape::{self, attach};
 use crate::{Error, Result};
 
 /// A frozen or trainable weight: block-quantized (always frozen) or dense f32 (trainable iff it
@@ -88,7 +89,7 @@ impl Proj {
         match (&self.weight, &self.qmatmul) {
             (Weight::Quantized(q), Some(mm)) => self.forward_quantized(q, mm, x),
             (w, _) => {
-                let dense = tape::Linear {
+                let dense = nn::Linear {
                     weight: w.dense(x.device())?,
                     bias: None,
                     lora: self.lora.clone(),

@@ -16,7 +16,7 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::models::gguf::{self, FrozenFormat};
-use crate::tape;
+use crate::nn;
 use crate::{Error, Result};
 
 mod backbone;
@@ -116,10 +116,10 @@ impl DecoderLayer {
         let k = rope.apply(&self.k_proj.forward(&x)?, self.kv_heads)?;
         let v = self.v_proj.forward(&x)?;
         let ctx = attention(&q, &k, &v, bias)?;
-        let h = tape::residual(h, &self.o_proj.forward(&ctx)?)?;
+        let h = nn::residual(h, &self.o_proj.forward(&ctx)?)?;
         let x = self.post_attention_layernorm.forward(&h)?;
         let m = swiglu(&self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
-        tape::residual(&h, &self.down_proj.forward(&m)?)
+        nn::residual(&h, &self.down_proj.forward(&m)?)
     }
 
     pub fn projections(&self) -> [&Proj; 7] {
@@ -316,7 +316,7 @@ impl Llama {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.embed_tokens {
             Weight::Quantized(q) => Ok(q.embedding(ids)?),
-            Weight::Dense(table) => tape::embedding_sum(&[(ids, table)]),
+            Weight::Dense(table) => nn::embedding_sum(&[(ids, table)]),
         }
     }
 
@@ -382,7 +382,7 @@ impl Llama {
             }
             None => None,
         };
-        tape::cross_entropy(&logits, &labels, weights.as_ref())
+        nn::cross_entropy(&logits, &labels, weights.as_ref())
     }
 
     /// Greedy decoding of `new_tokens` tokens after `prompt` (no KV cache: each step reruns the
