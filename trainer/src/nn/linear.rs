@@ -1,7 +1,10 @@
-//! The linear layer: a frozen or trainable weight, an optional bias, an optional LoRA update and a
-//! fused nonlinearity, as one node.
+//! The linear layer: a frozen or trainable weight (dense, or frozen block-quantized), an optional
+//! bias, an optional LoRA update and a fused nonlinearity, as one node.
 
-use candle_core::Tensor;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Module, Tensor};
 
 use super::activation::gelu_parts;
 use super::{Dropout, column_sums, flat2, unflat};
@@ -28,18 +31,59 @@ pub struct LoraDelta {
     pub dropout: Option<Dropout>,
 }
 
+/// A frozen block-quantized weight `(out, in)` and the quantized matmul candle runs over it.
+#[derive(Clone, Debug)]
+pub struct QuantizedWeight {
+    pub tensor: Arc<QTensor>,
+    matmul: Arc<QMatMul>,
+}
+
+impl QuantizedWeight {
+    pub fn new(tensor: Arc<QTensor>) -> Result<Self> {
+        let matmul = Arc::new(QMatMul::from_arc(tensor.clone())?);
+        Ok(Self { tensor, matmul })
+    }
+}
+
+/// What a [`Linear`] multiplies by: a dense tensor (trainable iff it is a `Var`) or a
+/// [`QuantizedWeight`] (always frozen).
+pub trait LinearWeight: Clone + std::fmt::Debug {
+    fn view(&self) -> WeightView<'_>;
+}
+
+/// A [`LinearWeight`] as the layer reads it.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightView<'a> {
+    Dense(&'a Tensor),
+    Quantized(&'a QuantizedWeight),
+}
+
+impl LinearWeight for Tensor {
+    fn view(&self) -> WeightView<'_> {
+        WeightView::Dense(self)
+    }
+}
+
+impl LinearWeight for QuantizedWeight {
+    fn view(&self) -> WeightView<'_> {
+        WeightView::Quantized(self)
+    }
+}
+
 /// `y = act(x·Wᵀ + b [+ LoRA])`: one graph node whose backward computes exactly the gradients
 /// the trainable parts need. A frozen weight gives `dx` only; a trainable one saves `x` for `dW`.
+/// `W` is a dense tensor, or a [`QuantizedWeight`] whose value comes from candle's quantized
+/// matmul and whose `dx` multiplies by a transient dequantized copy.
 #[derive(Clone, Debug)]
-pub struct Linear {
+pub struct Linear<W: LinearWeight = Tensor> {
     /// `(out, in)`.
-    pub weight: Tensor,
+    pub weight: W,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraDelta>,
 }
 
-impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+impl<W: LinearWeight> Linear<W> {
+    pub fn new(weight: W, bias: Option<Tensor>) -> Self {
         Self {
             weight,
             bias,
@@ -48,11 +92,20 @@ impl Linear {
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.dims2().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.dims2().0
+    }
+
+    /// `(out, in)` of the weight.
+    fn dims2(&self) -> (usize, usize) {
+        let dims = match self.weight.view() {
+            WeightView::Dense(w) => w.dims(),
+            WeightView::Quantized(q) => q.tensor.shape().dims(),
+        };
+        (dims[0], dims[1])
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -62,7 +115,12 @@ impl Linear {
     /// The forward with a fused nonlinearity.
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let (x2, lead) = flat2(&x.detach())?;
-        let (w, b) = (self.weight.detach(), self.bias.as_ref().map(Tensor::detach));
+        let view = self.weight.view();
+        let w = match view {
+            WeightView::Dense(w) => Frozen::Dense(w.detach()),
+            WeightView::Quantized(q) => Frozen::Quantized(q.clone()),
+        };
+        let b = self.bias.as_ref().map(Tensor::detach);
         // LoRA's input (after dropout), its mask and its rank-r projection `t = x·Aᵀ`.
         let mut lora_state = None;
         if let Some(l) = &self.lora {
@@ -82,9 +140,13 @@ impl Linear {
             (Some(l), Some((_, _, t)), Some(up)) => Some((t, up, l.scale)),
             _ => None,
         };
-        let u = linear_value(&x2, &w, b.as_ref(), low_rank)?;
+        let u = w.value(&x2, b.as_ref(), low_rank)?;
         let need_dx = tracks(x);
-        let need_dw = trainable(&self.weight);
+        // A quantized weight is always frozen; it stands in the node by a detached handle.
+        let (weight, need_dw) = match view {
+            WeightView::Dense(w) => (w.clone(), trainable(w)),
+            WeightView::Quantized(_) => (x.detach(), false),
+        };
         let need_db = self.bias.as_ref().is_some_and(trainable);
         let lora = self.lora.as_ref();
         let need_lora = lora.is_some_and(|l| trainable(&l.a) || trainable(&l.b));
@@ -130,18 +192,55 @@ impl Linear {
                 low_rank = Some((gb, a, *scale, mask.as_ref()));
             }
             let dx = if need_dx {
-                Some(unflat(&input_gradient(&gu, &w, low_rank)?, &lead)?)
+                Some(unflat(&w.input_gradient(&gu, low_rank)?, &lead)?)
             } else {
                 None
             };
             Ok(vec![dx, dw, db, da, dbl])
         };
-        let bias = self.bias.clone().unwrap_or_else(|| self.weight.detach());
+        let bias = self.bias.clone().unwrap_or_else(|| weight.detach());
         let (a, b) = match lora {
             Some(l) => (l.a.clone(), l.b.clone()),
-            None => (self.weight.detach(), self.weight.detach()),
+            None => (weight.detach(), weight.detach()),
         };
-        attach(&[x, &self.weight, &bias, &a, &b], y, bwd)
+        attach(&[x, &weight, &bias, &a, &b], y, bwd)
+    }
+}
+
+/// The weight a node's value and input gradient multiply by (detached handles, owned by the
+/// backward).
+enum Frozen {
+    Dense(Tensor),
+    Quantized(QuantizedWeight),
+}
+
+impl Frozen {
+    /// `x·Wᵀ + b [+ scale·t·Bᵀ]`.
+    fn value(
+        &self,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        low_rank: Option<(&Tensor, &Tensor, f64)>,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(w) => linear_value(x, w, b, low_rank),
+            Self::Quantized(q) => add_bias_and_low_rank(q.matmul.forward(x)?, b, low_rank),
+        }
+    }
+
+    /// `g·W [+ (scale·(g·B)·A)⊙mask]`.
+    fn input_gradient(
+        &self,
+        g: &Tensor,
+        low_rank: Option<(Tensor, &Tensor, f64, Option<&Tensor>)>,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(w) => input_gradient(g, w, low_rank),
+            Self::Quantized(q) => {
+                let dx = g.matmul(&q.tensor.dequantize(g.device())?)?;
+                add_low_rank_gradient(dx, low_rank)
+            }
+        }
     }
 }
 
@@ -170,7 +269,15 @@ fn linear_value(
     if let Some(u) = kernels::matmul_sum(&terms, b)? {
         return Ok(u);
     }
-    let mut u = x.matmul(&w.t()?)?;
+    add_bias_and_low_rank(x.matmul(&w.t()?)?, b, low_rank)
+}
+
+/// `u + b [+ scale·t·Bᵀ]` with candle's ops.
+fn add_bias_and_low_rank(
+    mut u: Tensor,
+    b: Option<&Tensor>,
+    low_rank: Option<(&Tensor, &Tensor, f64)>,
+) -> candle_core::Result<Tensor> {
     if let Some(b) = b {
         u = u.broadcast_add(b)?;
     }
@@ -210,7 +317,14 @@ fn input_gradient(
             return Ok(dx);
         }
     }
-    let mut dx = g.matmul(w)?;
+    add_low_rank_gradient(g.matmul(w)?, low_rank)
+}
+
+/// `dx [+ (scale·(g·B)·A)⊙mask]` with candle's ops.
+fn add_low_rank_gradient(
+    mut dx: Tensor,
+    low_rank: Option<(Tensor, &Tensor, f64, Option<&Tensor>)>,
+) -> candle_core::Result<Tensor> {
     if let Some((gb, a, scale, mask)) = low_rank {
         let mut d = (gb.matmul(a)? * scale)?;
         if let Some(m) = mask {
@@ -219,4 +333,81 @@ fn input_gradient(
         dx = (dx + d)?;
     }
     Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::GgmlDType;
+    use candle_core::{DType, Device, Var};
+
+    use super::*;
+
+    fn det(shape: &[usize], k: f64) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::arange(0u32, n as u32, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.affine(k, 0.1))
+            .and_then(|t| t.sin())
+            .and_then(|t| t.reshape(shape))
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+
+    /// A quantized weight goes through the same LoRA node as a dense one: its LoRA and input
+    /// gradients match those of its dequantized copy, and the weight itself gets none.
+    #[test]
+    fn quantized_weight_shares_the_lora_node_with_its_dense_copy() {
+        let q = Arc::new(QTensor::quantize(&det(&[48, 64], 0.11), GgmlDType::Q8_0).unwrap());
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        let x = Var::from_tensor(&det(&[2, 5, 64], 0.37)).unwrap();
+        let a = Var::from_tensor(&det(&[4, 64], 0.23)).unwrap();
+        let b = Var::from_tensor(&det(&[48, 4], 0.53)).unwrap();
+        let lora = LoraDelta {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 2.0,
+            dropout: None,
+        };
+        let r = det(&[2, 5, 48], 0.71);
+        let run = |y: Tensor| {
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |t: &Tensor| g.get(t).unwrap().clone();
+            (
+                y,
+                grad(x.as_tensor()),
+                grad(a.as_tensor()),
+                grad(b.as_tensor()),
+            )
+        };
+        let quantized = Linear {
+            weight: QuantizedWeight::new(q).unwrap(),
+            bias: None,
+            lora: Some(lora.clone()),
+        };
+        assert_eq!(
+            (quantized.out_features(), quantized.in_features()),
+            (48, 64)
+        );
+        let (yq, dxq, daq, dbq) = run(quantized.forward(x.as_tensor()).unwrap());
+        let dense = Linear {
+            weight: dense,
+            bias: None,
+            lora: Some(lora),
+        };
+        let (yd, dxd, dad, dbd) = run(dense.forward(x.as_tensor()).unwrap());
+        // The value differs by the quantized matmul's rounding of `x`; the gradients only by the
+        // order of summation.
+        assert!(max_diff(&yq, &yd) < 5e-2, "{}", max_diff(&yq, &yd));
+        for (q, d) in [(&dxq, &dxd), (&daq, &dad), (&dbq, &dbd)] {
+            assert!(max_diff(q, d) < 1e-4, "{}", max_diff(q, d));
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! Layers and functional ops on [`crate::tape`]: each computes its forward value untracked and
 //! attaches one graph node whose backward keeps only what it reads.
 //!
-//! * layers: [`Linear`] (with [`LoraDelta`] and a fused [`Activation`]), [`Dropout`] (masks drawn
-//!   per [`StepSeed`]), [`LayerNorm`];
+//! * layers: [`Linear`] (over a dense or a [`QuantizedWeight`], with [`LoraDelta`] and a fused
+//!   [`Activation`]), [`Dropout`] (masks drawn per [`StepSeed`]), [`LayerNorm`], [`RmsNorm`],
+//!   [`Rope`];
 //! * functional ops: [`gelu`] and [`softmax`], [`attention`] and its [`attention_bias`],
 //!   [`embedding_sum`], [`residual`] and [`scaled_residual`], [`mean_pool`], [`cross_entropy`].
 
@@ -19,16 +20,18 @@ mod loss;
 mod norm;
 mod pool;
 mod residual;
+mod rope;
 
 pub use activation::{gelu, softmax};
 pub use attention::{attention, attention_bias};
 pub use dropout::{Dropout, StepSeed};
 pub use embedding::embedding_sum;
-pub use linear::{Activation, Linear, LoraDelta};
+pub use linear::{Activation, Linear, LinearWeight, LoraDelta, QuantizedWeight, WeightView};
 pub use loss::cross_entropy;
-pub use norm::LayerNorm;
+pub use norm::{LayerNorm, RmsNorm};
 pub use pool::mean_pool;
 pub use residual::{residual, scaled_residual};
+pub use rope::Rope;
 
 /// `(..., n)` → `(rows, n)` and the leading dims to restore.
 pub(crate) fn flat2(x: &Tensor) -> candle_core::Result<(Tensor, Vec<usize>)> {

@@ -1,4 +1,4 @@
-//! LayerNorm over the last dimension.
+//! LayerNorm and RMSNorm over the last dimension.
 
 use candle_core::{D, Tensor};
 
@@ -79,4 +79,46 @@ fn layer_norm_backward(
     let m2 = (&dxhat * xhat)?.mean_keepdim(D::Minus1)?;
     let inner = dxhat.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?;
     inner.broadcast_mul(rstd)
+}
+
+/// RMSNorm `x / rms(x) · γ`; saves the normalised input and `1/rms`, never the raw input.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xd = x.detach();
+        let rstd = (xd.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let xhat = xd.broadcast_mul(&rstd)?;
+        let y = xhat.broadcast_mul(&self.weight.detach())?;
+        let need_dx = tracks(x);
+        let need_dw = trainable(&self.weight);
+        if !(need_dx || need_dw) {
+            return Ok(y);
+        }
+        let gamma = self.weight.detach();
+        let bwd = move |g: &Tensor| {
+            let dw = if need_dw {
+                let (g2, _) = flat2(g)?;
+                let (x2, _) = flat2(&xhat)?;
+                Some((g2 * x2)?.sum(0)?)
+            } else {
+                None
+            };
+            let dx = if need_dx {
+                let gw = g.broadcast_mul(&gamma)?;
+                let m = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+                Some(gw.sub(&xhat.broadcast_mul(&m)?)?.broadcast_mul(&rstd)?)
+            } else {
+                None
+            };
+            Ok(vec![dx, dw])
+        };
+        attach(&[x, &self.weight], y, bwd)
+    }
 }

@@ -16,13 +16,13 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::models::gguf::{self, FrozenFormat};
-use crate::nn;
+use crate::nn::{self, RmsNorm, Rope};
 use crate::{Error, Result};
 
 mod backbone;
 mod layers;
 
-pub use layers::{Proj, RmsNorm, Rope, Weight, attention, causal_bias, swiglu};
+pub use layers::{Proj, Weight, attention, causal_bias, swiglu};
 
 /// The fields of an HF Llama `config.json` this model reads.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
