@@ -131,7 +131,10 @@ impl Attached {
 /// backward hands the closure's gradients out in parent order. `$s`/`$l` name the storage and
 /// layout arguments, `$a` the parent arguments, `$grads` the gradient tuple built from `$it`.
 macro_rules! attached_op {
-    ($op:ident, $n:literal, [$($s:ident $l:ident),+], [$($a:ident),+], $grads:ty, |$it:ident| $out:expr) => {
+    (
+        $op:ident, $n:literal, [$($s:ident $l:ident),+], [$($a:ident),+], $grads:ty,
+        |$it:ident| $out:expr
+    ) => {
         impl $op for Attached {
             fn name(&self) -> &'static str {
                 "attach"

@@ -2,7 +2,7 @@
 //! registered method at its default settings on BERT and on the ViT. candle's own ops give every
 //! input of a tracked op a gradient, frozen ones included, and those full-size tensors stay in
 //! the store until the step ends (on the ViT's LayerScale residuals they once cost LoRA 38 MiB a
-//! step); the tape's ops give gradients only where they flow.
+//! step); `nn`'s ops give gradients only where they flow.
 
 use std::collections::HashSet;
 

@@ -1,4 +1,4 @@
-//! BERT-family encoder (BERT, MiniLM, …) loaded from the Hugging Face layout and built on `tape`:
+//! BERT-family encoder (BERT, MiniLM, …) loaded from the Hugging Face layout and built on `nn`:
 //! per-layer hidden states without a graph, a tracked range of layers, PEFT-named linears.
 //!
 //! Weight names match the checkpoint (`encoder.layer.N.attention.self.query.weight`), with or

@@ -1,5 +1,5 @@
 //! DINOv2 vision transformer (ViT-S/14 and its siblings) in the Hugging Face `Dinov2Model` layout,
-//! built on `tape`: patch embedding, [CLS] token, position embeddings interpolated to the input's
+//! built on `nn`: patch embedding, [CLS] token, position embeddings interpolated to the input's
 //! patch grid, pre-norm blocks with layer scale, final LayerNorm.
 //!
 //! Weight names match the checkpoint (`encoder.layer.N.attention.attention.query.weight`), and are

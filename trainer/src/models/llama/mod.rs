@@ -1,4 +1,4 @@
-//! The Llama decoder (SmolLM2, Llama 2/3 layout) on `tape`: frozen weights may stay block-quantized
+//! The Llama decoder (SmolLM2, Llama 2/3 layout) on `nn`: frozen weights may stay block-quantized
 //! in memory, trainable parts are f32, and every layer owns its backward.
 //!
 //! Loads HF checkpoints (`config.json` + `model.safetensors`, names as in HF) and llama.cpp GGUF
