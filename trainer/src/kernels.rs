@@ -1,6 +1,6 @@
-//! Fused CPU kernels for the tape's hot paths: linear layers as one sum of products started from
-//! the bias, per-head attention products on strided views, GELU with its derivative, softmax with
-//! its scale and mask, LayerNorm, column sums, and AdamW's update in place.
+//! Fused CPU kernels for the hot paths of `nn`'s layers: linear layers as one sum of products
+//! started from the bias, per-head attention products on strided views, GELU with its derivative,
+//! softmax with its scale and mask, LayerNorm, column sums, and AdamW's update in place.
 //!
 //! candle composes these from separate ops (GELU's derivative alone is ten passes, each a fresh
 //! tensor), and on the CPU those passes, their allocations and page faults cost about as much as

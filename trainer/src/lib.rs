@@ -1,12 +1,14 @@
 //! The trainer: backbones, methods, data, optimiser, export.
 //! One autograd mechanism (`tape`) decides what every layer saves for backward.
 
-// Core (trainer-core): the tape, backbones, methods, optimiser, loop, memory accounting.
+// Core (trainer-core): the tape and its layers (nn), backbones, methods, optimiser, loop, memory
+// accounting.
 pub mod init;
 pub mod kernels;
 pub mod memory;
 pub mod methods;
 pub mod models;
+pub mod nn;
 pub mod optim;
 pub mod sharding;
 pub mod tape;

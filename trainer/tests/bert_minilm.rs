@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use petl_trainer::models::bert::Bert;
-use petl_trainer::tape;
+use petl_trainer::nn;
 use tokenizers::Tokenizer;
 
 fn minilm_dir() -> PathBuf {
@@ -159,7 +159,7 @@ fn sentence_embeddings_put_paraphrases_closer_than_unrelated_text() {
     let (ids, mask) = encode(&dir, &texts);
     let bert = Bert::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let h = bert.forward(&ids, &mask).unwrap();
-    let e = tape::mean_pool(&h, &mask).unwrap();
+    let e = nn::mean_pool(&h, &mask).unwrap();
     let row = |i: usize| e.get(i).unwrap();
     let paraphrase = cosine(&row(0), &row(1));
     let unrelated = cosine(&row(0), &row(2));

@@ -9,7 +9,8 @@ use petl_trainer::init::Rng;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::bert::{Bert, Config};
 use petl_trainer::models::vit::{self, Vit};
-use petl_trainer::tape::{self, Activation, Dropout, LayerNorm, Linear, LoraDelta};
+use petl_trainer::nn::{self, Activation, Dropout, LayerNorm, Linear, LoraDelta};
+use petl_trainer::tape;
 
 const EPS: f64 = 1e-6;
 const TOL: f64 = 1e-6;
@@ -103,10 +104,10 @@ fn softmax_and_gelu_backward_match_finite_differences() {
     let mut rng = Rng::new(2);
     let x = var(&mut rng, &[3, 5], 3.0);
     check(&[("x", &x)], &|| {
-        project(&tape::softmax(x.as_tensor()).unwrap(), 3)
+        project(&nn::softmax(x.as_tensor()).unwrap(), 3)
     });
     check(&[("x", &x)], &|| {
-        project(&tape::gelu(x.as_tensor()).unwrap(), 4)
+        project(&nn::gelu(x.as_tensor()).unwrap(), 4)
     });
 }
 
@@ -119,9 +120,9 @@ fn attention_backward_matches_finite_differences() {
         var(&mut rng, &[2, 4, 6], 1.0),
     );
     let mask = Tensor::from_vec(vec![1u32, 1, 1, 0, 1, 1, 1, 1], (2, 4), &Device::Cpu).unwrap();
-    let bias = tape::attention_bias(&mask, DType::F64).unwrap();
+    let bias = nn::attention_bias(&mask, DType::F64).unwrap();
     check(&[("q", &q), ("k", &k), ("v", &v)], &|| {
-        let out = tape::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, 2).unwrap();
+        let out = nn::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, 2).unwrap();
         project(&out, 5)
     });
 }
@@ -173,16 +174,13 @@ fn embedding_and_cross_entropy_backward_match_finite_differences() {
     let table = var(&mut rng, &[7, 4], 1.0);
     let ids = Tensor::from_vec(vec![0u32, 3, 3, 6, 1, 0], (2, 3), &Device::Cpu).unwrap();
     check(&[("table", &table)], &|| {
-        project(
-            &tape::embedding_sum(&[(&ids, table.as_tensor())]).unwrap(),
-            8,
-        )
+        project(&nn::embedding_sum(&[(&ids, table.as_tensor())]).unwrap(), 8)
     });
     let logits = var(&mut rng, &[5, 3], 2.0);
     let labels = Tensor::from_vec(vec![0u32, 2, 1, 1, 0], 5, &Device::Cpu).unwrap();
     let weights = Tensor::from_vec(vec![1f64, 0., 1., 1., 1.], 5, &Device::Cpu).unwrap();
     check(&[("logits", &logits)], &|| {
-        tape::cross_entropy(logits.as_tensor(), &labels, Some(&weights)).unwrap()
+        nn::cross_entropy(logits.as_tensor(), &labels, Some(&weights)).unwrap()
     });
 }
 
@@ -192,9 +190,9 @@ fn mean_pool_backward_matches_finite_differences_and_leaves_the_mask_out() {
     let h = var(&mut rng, &[2, 4, 3], 1.0);
     let mask = Tensor::from_vec(vec![1u32, 1, 0, 0, 1, 1, 1, 1], (2, 4), &Device::Cpu).unwrap();
     check(&[("h", &h)], &|| {
-        project(&tape::mean_pool(h.as_tensor(), &mask).unwrap(), 10)
+        project(&nn::mean_pool(h.as_tensor(), &mask).unwrap(), 10)
     });
-    let grads = tape::mean_pool(h.as_tensor(), &mask)
+    let grads = nn::mean_pool(h.as_tensor(), &mask)
         .unwrap()
         .sum_all()
         .unwrap()
@@ -233,7 +231,7 @@ fn check_method_on(method: &dyn Method, input: &Tensor, mask: &Tensor, labels: &
     let named: Vec<(&str, &Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     check(&named, &|| {
         let logits = method.forward(input, mask).unwrap();
-        tape::cross_entropy(&logits, labels, None).unwrap()
+        nn::cross_entropy(&logits, labels, None).unwrap()
     });
 }
 
@@ -342,7 +340,7 @@ fn sherl_gradients_match_finite_differences() {
         check_method(m.as_ref());
         let (ids, mask, labels) = tiny_batch();
         let logits = m.forward(&ids, &mask).unwrap();
-        let grads = tape::cross_entropy(&logits, &labels, None)
+        let grads = nn::cross_entropy(&logits, &labels, None)
             .unwrap()
             .backward()
             .unwrap();
@@ -521,7 +519,7 @@ fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
                 }
             }
             let logits = m.forward(&ids, &mask).unwrap();
-            let grads = tape::cross_entropy(&logits, &labels, None)
+            let grads = nn::cross_entropy(&logits, &labels, None)
                 .unwrap()
                 .backward()
                 .unwrap();

@@ -2,7 +2,7 @@
 //! registered method at its default settings on BERT and on the ViT. candle's own ops give every
 //! input of a tracked op a gradient, frozen ones included, and those full-size tensors stay in
 //! the store until the step ends (on the ViT's LayerScale residuals they once cost LoRA 38 MiB a
-//! step); the tape's ops give gradients only where they flow.
+//! step); `nn`'s ops give gradients only where they flow.
 
 use std::collections::HashSet;
 
@@ -12,7 +12,7 @@ use petl_trainer::methods::{self, REGISTERED};
 use petl_trainer::models::Backbone;
 use petl_trainer::models::bert::{self, Bert};
 use petl_trainer::models::vit::{self, Vit};
-use petl_trainer::tape;
+use petl_trainer::nn;
 
 /// Batches of 3 examples for each backbone: token ids or pixels, the mask, the labels.
 fn inputs(vision: bool) -> (Tensor, Tensor) {
@@ -56,7 +56,7 @@ fn a_step_keeps_gradients_of_trainable_parameters_only() {
                 .map(|(_, v)| v.as_tensor().id())
                 .collect();
             let logits = method.forward(&x, &mask).unwrap();
-            let grads = tape::cross_entropy(&logits, &labels, None)
+            let grads = nn::cross_entropy(&logits, &labels, None)
                 .unwrap()
                 .backward()
                 .unwrap();

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use petl_trainer::models::gguf::{self, FrozenFormat, Tokenizer};
 use petl_trainer::models::llama::Llama;
-use petl_trainer::tape::LoraDelta;
+use petl_trainer::nn::LoraDelta;
 
 fn model(format: FrozenFormat) -> (Llama, Tokenizer) {
     let path = gguf::smollm2_path();

@@ -123,7 +123,7 @@ fn side_methods_need_less_step_memory_than_lora_which_needs_less_than_full() {
 
     // The ViT-S/14's shape at 112 px (65 tokens), 4 images. LoRA's and BitFit's steps once kept
     // more than full fine-tuning's: candle's ops gave the frozen LayerScale vectors full-size
-    // gradients (now the tape's `scaled_residual`).
+    // gradients (now `nn::scaled_residual`).
     let images = image_batch(4, 112);
     let vit = || -> Box<dyn Backbone> {
         let config = vit::Config::with_shape(384, 12, 6, 14, 518);

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use petl_crds::{HeadConfig, MethodConfig};
 use petl_trainer::methods;
 use petl_trainer::models::bert::{Bert, Config};
-use petl_trainer::tape;
+use petl_trainer::nn;
 
 #[test]
 fn the_probe_trains_only_the_classifier() {
@@ -45,7 +45,7 @@ fn the_probe_trains_only_the_classifier() {
     .unwrap();
     let labels = Tensor::from_vec(vec![0u32, 1, 2], 3, &Device::Cpu).unwrap();
     let logits = method.forward(&ids, &mask).unwrap();
-    let grads = tape::cross_entropy(&logits, &labels, None)
+    let grads = nn::cross_entropy(&logits, &labels, None)
         .unwrap()
         .backward()
         .unwrap();

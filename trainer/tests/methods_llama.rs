@@ -15,7 +15,7 @@ use petl_trainer::data::Batch;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::gguf::{self, FrozenFormat, Tokenizer};
 use petl_trainer::models::llama::Llama;
-use petl_trainer::tape;
+use petl_trainer::nn;
 use petl_trainer::train::{TrainConfig, Trainer};
 
 /// The model, loaded once; each method gets a clone (the quantized weights are shared).
@@ -78,7 +78,7 @@ fn assert_only_parameters_get_gradients(method: &dyn Method, batch: &Batch) {
         .forward(&batch.input_ids, &batch.attention_mask)
         .unwrap();
     assert_eq!(logits.dims(), [4, 2]);
-    let grads = tape::cross_entropy(&logits, &batch.labels, None)
+    let grads = nn::cross_entropy(&logits, &batch.labels, None)
         .unwrap()
         .backward()
         .unwrap();

@@ -8,7 +8,7 @@ use petl_crds::{LstConfig, MethodConfig};
 use petl_trainer::methods;
 use petl_trainer::models::bert::{Bert, Config};
 use petl_trainer::models::vit::{self, Vit};
-use petl_trainer::tape;
+use petl_trainer::nn;
 
 fn tiny_bert() -> Bert {
     let config = Config::with_shape(50, 32, 4, 4, 64, 16);
@@ -36,7 +36,7 @@ fn lst_backward_skips_frozen_weights() {
     let mask = Tensor::ones((3, 8), DType::U32, &Device::Cpu).unwrap();
     let labels = Tensor::from_vec(vec![0u32, 1, 1], 3, &Device::Cpu).unwrap();
     let logits = method.forward(&ids, &mask).unwrap();
-    let grads = tape::cross_entropy(&logits, &labels, None)
+    let grads = nn::cross_entropy(&logits, &labels, None)
         .unwrap()
         .backward()
         .unwrap();

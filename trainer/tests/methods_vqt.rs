@@ -9,7 +9,7 @@ use petl_crds::{MethodConfig, VqtCombine, VqtConfig};
 use petl_trainer::methods;
 use petl_trainer::models::Backbone;
 use petl_trainer::models::bert::{Bert, Config};
-use petl_trainer::tape;
+use petl_trainer::nn;
 
 fn tiny_bert() -> Bert {
     let config = Config::with_shape(50, 32, 4, 4, 64, 16);
@@ -44,7 +44,7 @@ fn vqt_backward_reaches_only_the_query_tokens_and_the_head() {
     let method = methods::for_bert(&MethodConfig::Vqt(config), bert, 2, 3).unwrap();
     let (ids, mask, labels) = batch();
     let logits = method.forward(&ids, &mask).unwrap();
-    let grads = tape::cross_entropy(&logits, &labels, None)
+    let grads = nn::cross_entropy(&logits, &labels, None)
         .unwrap()
         .backward()
         .unwrap();
@@ -83,14 +83,14 @@ fn a_query_block_is_the_block_with_the_queries_appended_but_unread() {
     let queries = petl_trainer::init::Rng::new(4)
         .uniform_tensor((3, 2, 32), 0.3, DType::F32, &Device::Cpu)
         .unwrap();
-    let bias = tape::attention_bias(&mask, DType::F32).unwrap();
+    let bias = nn::attention_bias(&mask, DType::F32).unwrap();
     let out = bert.query_block(1, &queries, &taps[1], &bias).unwrap();
 
     // Appended queries that no position may read: their key bias is -1e4, like padding.
     let joint = Tensor::cat(&[&taps[1], &queries], 1).unwrap();
     let unread = Tensor::zeros((3, 2), DType::U32, &Device::Cpu).unwrap();
     let joint_mask = Tensor::cat(&[&mask, &unread], 1).unwrap();
-    let joint_bias = tape::attention_bias(&joint_mask, DType::F32).unwrap();
+    let joint_bias = nn::attention_bias(&joint_mask, DType::F32).unwrap();
     let joint_out = bert.layers[1].forward(&joint, &joint_bias).unwrap();
     let diff = |a: &Tensor, b: &Tensor| {
         (a - b)

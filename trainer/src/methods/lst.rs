@@ -13,7 +13,8 @@ use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
 use crate::models::bert::Layer;
-use crate::tape::{self, LayerNorm, Linear};
+use crate::nn::{self, LayerNorm, Linear};
+use crate::tape;
 use crate::{Error, Result};
 
 /// Gate temperature from the LST code (`gate_T = 0.1`).
@@ -172,7 +173,7 @@ impl Method for Lst {
         let taps = self.backbone.taps(input_ids, attention_mask)?;
         // The side blocks attend over every real position, whatever the backbone's own mask.
         let mask = self.backbone.token_mask(input_ids, attention_mask)?;
-        let bias = tape::attention_bias(&mask, self.backbone.dtype())?;
+        let bias = nn::attention_bias(&mask, self.backbone.dtype())?;
         let mut s = self.first_down.forward(&taps[0])?;
         for rung in &self.rungs {
             let down = rung.ladder.forward(&taps[rung.source])?;

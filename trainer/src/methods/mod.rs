@@ -20,7 +20,7 @@ use crate::Result;
 use crate::export::HeadFeatures;
 use crate::models::Backbone;
 use crate::models::bert::Bert;
-use crate::tape::StepSeed;
+use crate::nn::StepSeed;
 pub use backbone_tuning::{BackboneTuning, Selection};
 
 /// One fine-tuning method bound to its backbone.

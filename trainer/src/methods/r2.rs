@@ -25,7 +25,8 @@ use super::{Method, head::Head, make_trainable};
 use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::{Backbone, Pooling};
-use crate::tape::{self, Dropout, LayerNorm, Linear, StepSeed};
+use crate::nn::{self, Dropout, LayerNorm, Linear, StepSeed};
+use crate::tape;
 use crate::{Error, Result};
 
 /// Attention heads of the decoder layer (the official config's 8), fewer when `dims` needs it.
@@ -166,7 +167,7 @@ impl Decoder {
     /// `x` `(B, 1, D)` the refined state, `memory` `(B, q, D)` the mapped queries.
     fn forward(&self, x: &Tensor, memory: &Tensor, memory_bias: &Tensor) -> Result<Tensor> {
         let [q, k, v, m] = &self.cross;
-        let att = tape::attention(
+        let att = nn::attention(
             &q.forward(x)?,
             &k.forward(memory)?,
             &v.forward(memory)?,
@@ -348,7 +349,7 @@ impl Method for R2 {
         let mut taps: Vec<Tensor> = self.taps.iter().map(|&i| all[i].clone()).collect();
         all.clear();
         let mask = self.backbone.token_mask(input, attention_mask)?;
-        let token_bias = tape::attention_bias(&mask, self.backbone.dtype())?;
+        let token_bias = nn::attention_bias(&mask, self.backbone.dtype())?;
         let b = mask.dim(0)?;
         let mut last: Option<Tensor> = None;
         // The recurrence runs from the last tapped layer back to the first.
@@ -366,7 +367,7 @@ impl Method for R2 {
                 .broadcast_as((b, nq, d))?;
             let q = self.query_map.forward(&q_tokens, &drops[2..])?;
             // Query-modulated pooling of the tokens: one softmax head of width D (scale 1/√D).
-            let pooled = tape::attention(
+            let pooled = nn::attention(
                 &self.q_map.forward(&q)?,
                 &self.v_map.forward(&v)?,
                 &v,

@@ -25,7 +25,8 @@ use super::{Method, head::Head, make_trainable};
 use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
-use crate::tape::{self, Linear};
+use crate::nn::Linear;
+use crate::tape;
 use crate::{Error, Result};
 
 /// The output gate's temperature (the code's `gate_T`).

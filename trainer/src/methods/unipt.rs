@@ -21,7 +21,8 @@ use super::{Method, head::Head, make_trainable};
 use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
-use crate::tape::{self, LayerNorm, Linear};
+use crate::nn::{self, LayerNorm, Linear};
+use crate::tape;
 use crate::{Error, Result};
 
 /// The ε of the UniPT code's `l1norm` (row sums of the relu'd scores).
@@ -184,19 +185,19 @@ impl Method for Unipt {
         let last = taps.len() - 1;
         let backbone_out = self.backbone.output_from_tap(&taps[last])?;
         let anchor = self.downsample[last].forward(&taps[last])?;
-        let anchor_mean = tape::mean_pool(&anchor, &mask)?;
+        let anchor_mean = nn::mean_pool(&anchor, &mask)?;
         let key_mask = mask.to_dtype(anchor.dtype())?.unsqueeze(1)?;
         let mut merged = Vec::with_capacity(last);
         let mut confidence = Vec::with_capacity(last);
         for (down, tap) in self.downsample.iter().zip(&taps[..last]) {
             let target = down.forward(tap)?;
-            let target_mean = tape::mean_pool(&target, &mask)?;
+            let target_mean = nn::mean_pool(&target, &mask)?;
             confidence.push(self.gate.forward(&product(&anchor_mean, &target_mean)?)?);
             merged.push(cross_attention(&anchor, &target, &key_mask)?);
         }
         drop(taps);
         // Softmax over the layers, per example (B, L).
-        let weights = tape::softmax(&Tensor::cat(&confidence, 1)?)?;
+        let weights = nn::softmax(&Tensor::cat(&confidence, 1)?)?;
         let mut mixed: Option<Tensor> = None;
         for (i, m) in merged.iter().enumerate() {
             let w = weights.narrow(1, i, 1)?;

@@ -15,7 +15,8 @@ use super::{Method, head::Head};
 use crate::export::HeadFeatures;
 use crate::init::Rng;
 use crate::models::Backbone;
-use crate::tape::{self, Dropout, StepSeed};
+use crate::nn::{self, Dropout, StepSeed};
+use crate::tape;
 use crate::{Error, Result};
 
 /// The smallest norm a feature vector is divided by (PyTorch's `F.normalize` ε).
@@ -139,7 +140,7 @@ impl Method for Vqt {
         let mut taps = self.backbone.taps(input_ids, attention_mask)?;
         // Queries read every real position, as the backbone's classifier pools over them.
         let mask = self.backbone.token_mask(input_ids, attention_mask)?;
-        let bias = tape::attention_bias(&mask, self.backbone.dtype())?;
+        let bias = nn::attention_bias(&mask, self.backbone.dtype())?;
         let last = taps.pop().ok_or_else(|| {
             Error::Internal("the backbone returned no hidden states to read".into())
         })?;

@@ -6,7 +6,8 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::models::bert;
-use crate::tape::{self, LoraDelta};
+use crate::nn::{self, LoraDelta};
+use crate::tape;
 use crate::{Error, Result};
 
 /// A frozen pretrained model, as fine-tuning methods use it.
@@ -94,7 +95,7 @@ pub trait Backbone: Send {
     fn output_from_tap(&self, last: &Tensor) -> Result<Tensor>;
 
     /// Runs block `layer` on extra query tokens `queries` `(B, q, d)` that read the block's input
-    /// `tokens` `(B, T, d)` (its tap) as keys and values, `bias` from [`tape::attention_bias`]
+    /// `tokens` `(B, T, d)` (its tap) as keys and values, `bias` from [`nn::attention_bias`]
     /// over [`Backbone::token_mask`]. The tokens are detached and never read the queries, so the
     /// backbone's own states are unchanged and only the queries' path is tracked (VQT).
     fn query_block(
@@ -159,12 +160,12 @@ pub trait LoraSite {
     fn set_lora(&mut self, delta: LoraDelta);
 }
 
-impl LoraSite for tape::Linear {
+impl LoraSite for nn::Linear {
     fn in_features(&self) -> usize {
-        tape::Linear::in_features(self)
+        nn::Linear::in_features(self)
     }
     fn out_features(&self) -> usize {
-        tape::Linear::out_features(self)
+        nn::Linear::out_features(self)
     }
     fn set_lora(&mut self, delta: LoraDelta) {
         self.lora = Some(delta);
@@ -185,7 +186,7 @@ impl Pooling {
     /// `h` `(B, T, d)`, `attention_mask` `(B, T)` → `(B, d)`, tracked when `h` is.
     pub fn apply(self, h: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Mean => tape::mean_pool(h, attention_mask),
+            Self::Mean => nn::mean_pool(h, attention_mask),
             Self::LastToken => last_token(h, attention_mask),
         }
     }

@@ -1,4 +1,4 @@
-//! BERT-family encoder (BERT, MiniLM, …) loaded from the Hugging Face layout and built on `tape`:
+//! BERT-family encoder (BERT, MiniLM, …) loaded from the Hugging Face layout and built on `nn`:
 //! per-layer hidden states without a graph, a tracked range of layers, PEFT-named linears.
 //!
 //! Weight names match the checkpoint (`encoder.layer.N.attention.self.query.weight`), with or
@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::models::backbone::{Backbone, LoraSite, Pooling};
-use crate::tape::{self, Activation, LayerNorm, Linear};
+use crate::nn::{self, Activation, LayerNorm, Linear};
 use crate::{Error, Result};
 
 /// The fields of `config.json` the encoder needs.
@@ -91,7 +91,7 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// `h` `(B, T, d)`, `bias` from [`tape::attention_bias`].
+    /// `h` `(B, T, d)`, `bias` from [`nn::attention_bias`].
     pub fn forward(&self, h: &Tensor, bias: &Tensor) -> Result<Tensor> {
         self.forward_reading(h, h, bias)
     }
@@ -102,13 +102,13 @@ impl Layer {
         let q = self.query.forward(h)?;
         let k = self.key.forward(context)?;
         let v = self.value.forward(context)?;
-        let ctx = tape::attention(&q, &k, &v, bias, self.heads)?;
+        let ctx = nn::attention(&q, &k, &v, bias, self.heads)?;
         let a = self
             .attention_norm
-            .forward(&tape::residual(h, &self.attention_output.forward(&ctx)?)?)?;
+            .forward(&nn::residual(h, &self.attention_output.forward(&ctx)?)?)?;
         let i = self.intermediate.forward_act(&a, Activation::Gelu)?;
         self.output_norm
-            .forward(&tape::residual(&a, &self.output.forward(&i)?)?)
+            .forward(&nn::residual(&a, &self.output.forward(&i)?)?)
     }
 
     /// The block's linears under their checkpoint module names, relative to the block.
@@ -328,7 +328,7 @@ impl Bert {
             .contiguous()?;
         let types = ids.zeros_like()?;
         let e = &self.embeddings;
-        let x = tape::embedding_sum(&[
+        let x = nn::embedding_sum(&[
             (&ids, &e.word),
             (&positions, &e.position),
             (&types, &e.token_type),
@@ -338,7 +338,7 @@ impl Bert {
 
     /// The additive attention bias for a `(B, T)` 0/1 mask, in the model's dtype.
     pub fn attention_bias(&self, attention_mask: &Tensor) -> Result<Tensor> {
-        tape::attention_bias(attention_mask, self.dtype())
+        nn::attention_bias(attention_mask, self.dtype())
     }
 
     /// All `L + 1` hidden states (embeddings output, then each layer's output) with no graph:
@@ -398,7 +398,7 @@ impl Bert {
     /// Mean of the last hidden state over real tokens `(B, d)` (sentence-transformers pooling).
     pub fn mean_pooled(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let h = self.forward(input_ids, attention_mask)?;
-        tape::mean_pool(&h, attention_mask)
+        nn::mean_pool(&h, attention_mask)
     }
 
     /// The first token's last hidden state `(B, d)`.

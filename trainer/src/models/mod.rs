@@ -1,5 +1,5 @@
-//! Backbones the trainer can fine-tune, each defined on `tape` so it exposes taps and injection
-//! points and owns its backward. One file a model family; `backbone` is the trait methods see.
+//! Backbones the trainer can fine-tune, each defined on `nn` and `tape` so it exposes taps and
+//! injection points and owns its backward. One file a model family; `backbone` is the trait methods see.
 
 pub mod backbone;
 pub mod bert;

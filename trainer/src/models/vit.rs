@@ -1,5 +1,5 @@
 //! DINOv2 vision transformer (ViT-S/14 and its siblings) in the Hugging Face `Dinov2Model` layout,
-//! built on `tape`: patch embedding, [CLS] token, position embeddings interpolated to the input's
+//! built on `nn`: patch embedding, [CLS] token, position embeddings interpolated to the input's
 //! patch grid, pre-norm blocks with layer scale, final LayerNorm.
 //!
 //! Weight names match the checkpoint (`encoder.layer.N.attention.attention.query.weight`), and are
@@ -14,7 +14,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::tape::{self, Activation, LayerNorm, Linear};
+use crate::nn::{self, Activation, LayerNorm, Linear};
+use crate::tape;
 use crate::{Error, Result};
 
 /// The fields of a `Dinov2Config` (`config.json`) the backbone needs.
@@ -192,14 +193,14 @@ impl Layer {
             self.key.forward(c)?,
             self.value.forward(c)?,
         );
-        let ctx = tape::attention(&q, &k, &v, bias, self.heads)?;
+        let ctx = nn::attention(&q, &k, &v, bias, self.heads)?;
         let a = self.attention_output.forward(&ctx)?;
-        let h = tape::scaled_residual(h, &a, &self.layer_scale1)?;
+        let h = nn::scaled_residual(h, &a, &self.layer_scale1)?;
         let m = self
             .fc1
             .forward_act(&self.norm2.forward(&h)?, Activation::Gelu)?;
         let m = self.fc2.forward(&m)?;
-        tape::scaled_residual(&h, &m, &self.layer_scale2)
+        nn::scaled_residual(&h, &m, &self.layer_scale2)
     }
 
     /// The block's linears under their checkpoint module names, relative to the block.

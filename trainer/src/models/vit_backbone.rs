@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::backbone::{Backbone, LoraSite, Pooling};
 use super::vit::Vit;
-use crate::{Result, tape};
+use crate::Result;
+use crate::nn;
 
 impl Backbone for Vit {
     fn hidden_size(&self) -> usize {
@@ -97,6 +98,6 @@ impl Backbone for Vit {
 
     fn run_block(&self, layer: usize, h: &Tensor, token_mask: &Tensor) -> Result<Tensor> {
         let block = super::backbone::block(&self.layers, layer)?;
-        block.forward(h, &tape::attention_bias(token_mask, self.dtype())?)
+        block.forward(h, &nn::attention_bias(token_mask, self.dtype())?)
     }
 }

@@ -18,9 +18,10 @@ use petl_snapshot::Snapshot;
 use crate::collective::{Collective, Solo};
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::methods::Method;
+use crate::nn;
 use crate::sharding::slice::{self, RngInputs, SliceMeta};
 use crate::sharding::{self, DEFAULT_BUCKET_ELEMS, ShardedAdamW};
-use crate::{Error, Result, tape};
+use crate::{Error, Result};
 
 /// The loop's budget and hyper-parameters (from `spec.training`).
 #[derive(Clone, Debug)]
@@ -415,7 +416,7 @@ impl Trainer {
 /// [`IGNORE_INDEX`] positions.
 pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if labels.rank() == 1 {
-        return tape::cross_entropy(logits, labels, None);
+        return nn::cross_entropy(logits, labels, None);
     }
     let (b, t, v) = logits.dims3()?;
     if t < 2 {
@@ -428,5 +429,5 @@ pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let targets = labels.narrow(1, 1, t - 1)?.flatten_all()?;
     let keep = targets.ne(IGNORE_INDEX)?;
     let safe = keep.where_cond(&targets, &targets.zeros_like()?)?;
-    tape::cross_entropy(&predictions, &safe, Some(&keep.to_dtype(DType::F32)?))
+    nn::cross_entropy(&predictions, &safe, Some(&keep.to_dtype(DType::F32)?))
 }

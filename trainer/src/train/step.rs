@@ -5,8 +5,8 @@ use candle_core::DType;
 
 use super::{Trainer, in_compute_pool, loss};
 use crate::data::Batch;
+use crate::nn::StepSeed;
 use crate::sharding::{self, StepOutcome, StepRequest};
-use crate::tape::StepSeed;
 use crate::{Error, Result};
 
 /// What a step needs besides the batch.

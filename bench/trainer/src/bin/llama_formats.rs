@@ -13,7 +13,7 @@ use clap::Parser;
 use petl_trainer::memory::{self, CountingAllocator};
 use petl_trainer::models::gguf::{self, FrozenFormat};
 use petl_trainer::models::llama::Llama;
-use petl_trainer::tape::LoraDelta;
+use petl_trainer::nn::LoraDelta;
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;

@@ -1,14 +1,16 @@
 //! The Llama layers on `tape`: weights that stay block-quantized or train in f32, bias-free
-//! projections with LoRA, RMSNorm, rotary embeddings, grouped-query causal attention and SwiGLU,
-//! each owning its backward (the residual add is the tape's).
+//! projections with LoRA (the shared [`nn::Linear`]), grouped-query causal attention and SwiGLU,
+//! each owning its backward. RMSNorm and the rotary embeddings are [`nn::RmsNorm`] and
+//! [`nn::Rope`]; the residual add is [`nn::residual`].
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{D, DType, Device, Tensor};
 
 use crate::models::backbone::LoraSite;
-use crate::tape::{self, LoraDelta, attach};
+use crate::nn::{self, LoraDelta, QuantizedWeight};
+use crate::tape::{attach, tracks};
 use crate::{Error, Result};
 
 /// A frozen or trainable weight: block-quantized (always frozen) or dense f32 (trainable iff it
@@ -52,27 +54,28 @@ impl Weight {
     }
 }
 
-/// A bias-free projection `x·Wᵀ [+ LoRA]` named as in HF/PEFT (`model.layers.3.self_attn.q_proj`).
+/// A bias-free projection `x·Wᵀ [+ LoRA]` named as in HF/PEFT (`model.layers.3.self_attn.q_proj`):
+/// the shared [`nn::Linear`] over the dense or the block-quantized weight.
 #[derive(Clone, Debug)]
 pub struct Proj {
     pub name: String,
     pub weight: Weight,
     /// Set by a LoRA method; `None` otherwise.
     pub lora: Option<LoraDelta>,
-    qmatmul: Option<Arc<QMatMul>>,
+    quantized: Option<QuantizedWeight>,
 }
 
 impl Proj {
     pub fn new(name: impl Into<String>, weight: Weight) -> Result<Self> {
-        let qmatmul = match &weight {
-            Weight::Quantized(q) => Some(Arc::new(QMatMul::from_arc(q.clone())?)),
+        let quantized = match &weight {
+            Weight::Quantized(q) => Some(QuantizedWeight::new(q.clone())?),
             Weight::Dense(_) => None,
         };
         Ok(Self {
             name: name.into(),
             weight,
             lora: None,
-            qmatmul,
+            quantized,
         })
     }
 
@@ -84,71 +87,41 @@ impl Proj {
         self.weight.dims2().map(|d| d.0).unwrap_or(0)
     }
 
+    /// On a quantized weight, the value comes from candle's quantized matmul and the node's
+    /// backward gives `dx = g·dequantize(W)` (a transient f32 copy) plus the LoRA gradients, and
+    /// never a gradient for `W`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match (&self.weight, &self.qmatmul) {
-            (Weight::Quantized(q), Some(mm)) => self.forward_quantized(q, mm, x),
+        let lora = self.lora.clone();
+        match (&self.weight, &self.quantized) {
+            (Weight::Quantized(_), Some(q)) => {
+                if lora
+                    .as_ref()
+                    .and_then(|l| l.dropout.as_ref())
+                    .is_some_and(|d| d.p > 0.0)
+                {
+                    return Err(Error::Config {
+                        field: "method.lora.dropout".into(),
+                        message: format!(
+                            "{}: LoRA dropout on quantized weights is not supported; set it to 0",
+                            self.name
+                        ),
+                    });
+                }
+                let linear = nn::Linear {
+                    weight: q.clone(),
+                    bias: None,
+                    lora,
+                };
+                linear.forward(x)
+            }
             (w, _) => {
-                let dense = tape::Linear {
+                let dense = nn::Linear {
                     weight: w.dense(x.device())?,
                     bias: None,
-                    lora: self.lora.clone(),
+                    lora,
                 };
                 dense.forward(x)
             }
-        }
-    }
-
-    /// The frozen block-quantized path: the value comes from candle's quantized matmul; the
-    /// node's backward gives `dx = g·dequantize(W)` (a transient f32 copy) plus the LoRA
-    /// gradients, and never a gradient for `W`.
-    fn forward_quantized(&self, q: &Arc<QTensor>, mm: &QMatMul, x: &Tensor) -> Result<Tensor> {
-        let (x2, lead) = rows(&x.detach())?;
-        let mut u = mm.forward(&x2)?;
-        let lora = self.lora.as_ref();
-        let mut lora_state = None;
-        if let Some(l) = lora {
-            if l.dropout.as_ref().is_some_and(|d| d.p > 0.0) {
-                return Err(Error::Config {
-                    field: "method.lora.dropout".into(),
-                    message: format!(
-                        "{}: LoRA dropout on quantized weights is not supported; set it to 0",
-                        self.name
-                    ),
-                });
-            }
-            let t = x2.matmul(&l.a.detach().t()?)?;
-            u = (u + (t.matmul(&l.b.detach().t()?)? * l.scale)?)?;
-            lora_state = Some((x2, t, l.a.detach(), l.b.detach(), l.scale));
-        }
-        let y = unrows(&u, &lead)?;
-        let need_dx = x.track_op();
-        let need_lora = lora.is_some_and(|l| tape::trainable(&l.a) || tape::trainable(&l.b));
-        if !(need_dx || need_lora) {
-            return Ok(y);
-        }
-        let q = q.clone();
-        let bwd = move |g: &Tensor| {
-            let (g2, _) = rows(g)?;
-            let (mut da, mut db, mut dx) = (None, None, None);
-            if need_dx {
-                dx = Some(g2.matmul(&q.dequantize(g2.device())?)?);
-            }
-            if let Some((x2, t, a, b, scale)) = &lora_state {
-                let gb = g2.matmul(b)?;
-                if need_lora {
-                    da = Some((gb.t()?.matmul(x2)? * *scale)?);
-                    db = Some((g2.t()?.matmul(t)? * *scale)?);
-                }
-                if let Some(d) = dx.take() {
-                    dx = Some((d + (gb.matmul(a)? * *scale)?)?);
-                }
-            }
-            let dx = dx.map(|d| unrows(&d, &lead)).transpose()?;
-            Ok(vec![dx, da, db])
-        };
-        match lora {
-            Some(l) => attach(&[x, &l.a, &l.b], y, bwd),
-            None => attach(&[x], y, move |g| Ok(vec![bwd(g)?.swap_remove(0)])),
         }
     }
 }
@@ -162,123 +135,6 @@ impl LoraSite for Proj {
     }
     fn set_lora(&mut self, delta: LoraDelta) {
         self.lora = Some(delta);
-    }
-}
-
-/// `(..., n)` → `(rows, n)` and the dims to restore.
-fn rows(x: &Tensor) -> candle_core::Result<(Tensor, Vec<usize>)> {
-    let dims = x.dims().to_vec();
-    let n = *dims.last().unwrap_or(&1);
-    Ok((
-        x.reshape((x.elem_count() / n.max(1), n))?.contiguous()?,
-        dims,
-    ))
-}
-
-fn unrows(x: &Tensor, lead: &[usize]) -> candle_core::Result<Tensor> {
-    let mut dims = lead[..lead.len() - 1].to_vec();
-    dims.push(x.dim(D::Minus1)?);
-    x.reshape(dims)
-}
-
-/// RMSNorm `x / rms(x) · γ`; saves the normalised input and `1/rms`, never the raw input.
-#[derive(Clone, Debug)]
-pub struct RmsNorm {
-    pub weight: Tensor,
-    pub eps: f64,
-}
-
-impl RmsNorm {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xd = x.detach();
-        let rstd = (xd.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let xhat = xd.broadcast_mul(&rstd)?;
-        let y = xhat.broadcast_mul(&self.weight.detach())?;
-        let need_dx = x.track_op();
-        let need_dw = tape::trainable(&self.weight);
-        if !(need_dx || need_dw) {
-            return Ok(y);
-        }
-        let gamma = self.weight.detach();
-        let bwd = move |g: &Tensor| {
-            let dw = if need_dw {
-                let (g2, _) = rows(g)?;
-                let (x2, _) = rows(&xhat)?;
-                Some((g2 * x2)?.sum(0)?)
-            } else {
-                None
-            };
-            let dx = if need_dx {
-                let gw = g.broadcast_mul(&gamma)?;
-                let m = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
-                Some(gw.sub(&xhat.broadcast_mul(&m)?)?.broadcast_mul(&rstd)?)
-            } else {
-                None
-            };
-            Ok(vec![dx, dw])
-        };
-        attach(&[x, &self.weight], y, bwd)
-    }
-}
-
-/// cos/sin tables of HF-style (half-split) rotary embeddings, `(positions, head_dim/2)`.
-#[derive(Clone, Debug)]
-pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    pub fn new(head_dim: usize, theta: f64, positions: usize, device: &Device) -> Result<Self> {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-            .collect();
-        let inv = Tensor::from_vec(inv, (1, half), device)?;
-        let pos = Tensor::arange(0u32, positions as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((positions, 1))?;
-        let angles = pos.broadcast_mul(&inv)?;
-        Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-        })
-    }
-
-    /// `(B, T, heads·dh)` → rotated `(B, heads, T, dh)`. A rotation, so the backward is the
-    /// rotation by the negated angle; the node saves nothing.
-    pub fn apply(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
-        let (b, t, width) = x.dims3()?;
-        let dh = width / heads;
-        if t > self.cos.dim(0)? {
-            return Err(Error::Config {
-                field: "dataset.maxSequenceLength".into(),
-                message: format!(
-                    "{t} tokens exceed the model's {} positions (max_position_embeddings)",
-                    self.cos.dim(0)?
-                ),
-            });
-        }
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let xh = x
-            .detach()
-            .reshape((b, t, heads, dh))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let y = candle_nn::rotary_emb::rope(&xh, &cos, &sin)?;
-        if !x.track_op() {
-            return Ok(y);
-        }
-        let neg_sin = sin.neg()?;
-        attach(&[x], y, move |g| {
-            let back = candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)?;
-            Ok(vec![Some(
-                back.transpose(1, 2)?.contiguous()?.reshape((b, t, width))?,
-            )])
-        })
     }
 }
 
@@ -335,7 +191,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
     };
     let ctx = merge(&p.matmul(&vh)?)?;
     drop(vh);
-    if !(q.track_op() || k.track_op() || v.track_op()) {
+    if !(tracks(q) || tracks(k) || tracks(v)) {
         return Ok(ctx);
     }
     let vd = v.detach();
@@ -363,7 +219,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Te
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (gd, ud) = (gate.detach(), up.detach());
     let y = (candle_nn::ops::silu(&gd)? * &ud)?;
-    if !(gate.track_op() || up.track_op()) {
+    if !(tracks(gate) || tracks(up)) {
         return Ok(y);
     }
     attach(&[gate, up], y, move |g| {

@@ -1,4 +1,4 @@
-//! The Llama decoder (SmolLM2, Llama 2/3 layout) on `tape`: frozen weights may stay block-quantized
+//! The Llama decoder (SmolLM2, Llama 2/3 layout) on `nn`: frozen weights may stay block-quantized
 //! in memory, trainable parts are f32, and every layer owns its backward.
 //!
 //! Loads HF checkpoints (`config.json` + `model.safetensors`, names as in HF) and llama.cpp GGUF
@@ -16,13 +16,13 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::models::gguf::{self, FrozenFormat};
-use crate::tape;
+use crate::nn::{self, RmsNorm, Rope};
 use crate::{Error, Result};
 
 mod backbone;
 mod layers;
 
-pub use layers::{Proj, RmsNorm, Rope, Weight, attention, causal_bias, swiglu};
+pub use layers::{Proj, Weight, attention, causal_bias, swiglu};
 
 /// The fields of an HF Llama `config.json` this model reads.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -116,10 +116,10 @@ impl DecoderLayer {
         let k = rope.apply(&self.k_proj.forward(&x)?, self.kv_heads)?;
         let v = self.v_proj.forward(&x)?;
         let ctx = attention(&q, &k, &v, bias)?;
-        let h = tape::residual(h, &self.o_proj.forward(&ctx)?)?;
+        let h = nn::residual(h, &self.o_proj.forward(&ctx)?)?;
         let x = self.post_attention_layernorm.forward(&h)?;
         let m = swiglu(&self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
-        tape::residual(&h, &self.down_proj.forward(&m)?)
+        nn::residual(&h, &self.down_proj.forward(&m)?)
     }
 
     pub fn projections(&self) -> [&Proj; 7] {
@@ -316,7 +316,7 @@ impl Llama {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.embed_tokens {
             Weight::Quantized(q) => Ok(q.embedding(ids)?),
-            Weight::Dense(table) => tape::embedding_sum(&[(ids, table)]),
+            Weight::Dense(table) => nn::embedding_sum(&[(ids, table)]),
         }
     }
 
@@ -382,7 +382,7 @@ impl Llama {
             }
             None => None,
         };
-        tape::cross_entropy(&logits, &labels, weights.as_ref())
+        nn::cross_entropy(&logits, &labels, weights.as_ref())
     }
 
     /// Greedy decoding of `new_tokens` tokens after `prompt` (no KV cache: each step reruns the
