@@ -10,6 +10,16 @@ use crate::nn::{self, LoraDelta};
 use crate::tape;
 use crate::{Error, Result};
 
+/// A backbone's widths and depth: what side networks size themselves by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shape {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub norm_eps: f64,
+}
+
 /// A frozen pretrained model, as fine-tuning methods use it.
 ///
 /// Inputs are token ids `(B, T)` and a 0/1 attention mask `(B, T)` whose real tokens come first
@@ -18,20 +28,33 @@ use crate::{Error, Result};
 /// read the mask. Methods pool and attend with [`Backbone::token_mask`], never with the input's
 /// mask directly.
 pub trait Backbone: Send {
+    /// The backbone's widths and depth, read from its configuration.
+    fn shape(&self) -> Shape;
+
     /// Width `d` of the hidden states.
-    fn hidden_size(&self) -> usize;
+    fn hidden_size(&self) -> usize {
+        self.shape().hidden_size
+    }
 
     /// Number of blocks `L`; [`Backbone::taps`] returns `L + 1` states.
-    fn num_layers(&self) -> usize;
+    fn num_layers(&self) -> usize {
+        self.shape().num_layers
+    }
 
     /// Attention heads per block (a side network keeps the count when its width allows).
-    fn num_heads(&self) -> usize;
+    fn num_heads(&self) -> usize {
+        self.shape().num_heads
+    }
 
     /// Width of a block's MLP.
-    fn intermediate_size(&self) -> usize;
+    fn intermediate_size(&self) -> usize {
+        self.shape().intermediate_size
+    }
 
     /// The ε of the backbone's normalisation layers (side networks reuse it).
-    fn norm_eps(&self) -> f64;
+    fn norm_eps(&self) -> f64 {
+        self.shape().norm_eps
+    }
 
     /// The dtype trainable tensors are created in.
     fn dtype(&self) -> DType;

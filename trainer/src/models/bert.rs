@@ -11,7 +11,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::models::backbone::{Backbone, LoraSite, Pooling};
+use crate::models::backbone::{Backbone, LoraSite, Pooling, Shape};
 use crate::nn::{self, Activation, LayerNorm, Linear};
 use crate::{Error, Result};
 
@@ -455,24 +455,14 @@ impl Bert {
 /// are trained for), its six linears per layer for LoRA, every tensor for full fine-tuning and
 /// BitFit, and its post-LayerNorm blocks for LST's pruned side network.
 impl Backbone for Bert {
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn num_heads(&self) -> usize {
-        self.config.num_attention_heads
-    }
-
-    fn intermediate_size(&self) -> usize {
-        self.config.intermediate_size
-    }
-
-    fn norm_eps(&self) -> f64 {
-        self.config.layer_norm_eps
+    fn shape(&self) -> Shape {
+        Shape {
+            hidden_size: self.config.hidden_size,
+            num_layers: self.layers.len(),
+            num_heads: self.config.num_attention_heads,
+            intermediate_size: self.config.intermediate_size,
+            norm_eps: self.config.layer_norm_eps,
+        }
     }
 
     fn dtype(&self) -> DType {

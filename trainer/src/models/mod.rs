@@ -10,4 +10,4 @@ pub mod vit;
 mod vit_backbone;
 mod vit_onnx;
 
-pub use backbone::{Backbone, LoraSite, Pooling};
+pub use backbone::{Backbone, LoraSite, Pooling, Shape};

@@ -4,30 +4,20 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::backbone::{Backbone, LoraSite, Pooling};
+use super::backbone::{Backbone, LoraSite, Pooling, Shape};
 use super::vit::Vit;
 use crate::Result;
 use crate::nn;
 
 impl Backbone for Vit {
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn num_heads(&self) -> usize {
-        self.config.num_attention_heads
-    }
-
-    fn intermediate_size(&self) -> usize {
-        self.config.intermediate_size()
-    }
-
-    fn norm_eps(&self) -> f64 {
-        self.config.layer_norm_eps
+    fn shape(&self) -> Shape {
+        Shape {
+            hidden_size: self.config.hidden_size,
+            num_layers: self.layers.len(),
+            num_heads: self.config.num_attention_heads,
+            intermediate_size: self.config.intermediate_size(),
+            norm_eps: self.config.layer_norm_eps,
+        }
     }
 
     fn dtype(&self) -> DType {

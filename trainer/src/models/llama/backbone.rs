@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{DecoderLayer, Llama, Weight};
 use crate::Result;
-use crate::models::backbone::{Backbone, LoraSite, Pooling};
+use crate::models::backbone::{Backbone, LoraSite, Pooling, Shape};
 
 /// Llama as a sequence classifier: the final-normed hidden states, pooled at the last real
 /// token; its seven projections per layer for LoRA (PEFT paths `model.layers.N.self_attn.q_proj`);
@@ -12,24 +12,14 @@ use crate::models::backbone::{Backbone, LoraSite, Pooling};
 /// never train. It has no bias terms and no post-LayerNorm encoder blocks, so BitFit and LST's
 /// pruned initialisation do not apply.
 impl Backbone for Llama {
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn num_heads(&self) -> usize {
-        self.config.num_attention_heads
-    }
-
-    fn intermediate_size(&self) -> usize {
-        self.config.intermediate_size
-    }
-
-    fn norm_eps(&self) -> f64 {
-        self.config.rms_norm_eps
+    fn shape(&self) -> Shape {
+        Shape {
+            hidden_size: self.config.hidden_size,
+            num_layers: self.layers.len(),
+            num_heads: self.config.num_attention_heads,
+            intermediate_size: self.config.intermediate_size,
+            norm_eps: self.config.rms_norm_eps,
+        }
     }
 
     fn dtype(&self) -> DType {
