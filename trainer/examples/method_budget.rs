@@ -182,17 +182,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut trainer = Trainer::new(
         method,
         TrainConfig {
-            max_steps: Some(max_steps),
-            epochs: None,
             max_seconds: Some(seconds),
-            learning_rate: lr,
-            weight_decay: 0.0,
             warmup_steps,
             schedule,
-            grad_clip: 1.0,
-            seed: 42,
             eval_every_steps: eval_every,
-            divergence_check_every: 0,
+            ..TrainConfig::fixed_steps(max_steps, lr, 42)
         },
     );
     let mut obs = Print {

@@ -54,22 +54,7 @@ fn step_peak_on(
 ) -> (usize, usize) {
     let before = memory::current_bytes();
     let method = methods::build(config, backbone(), 2, 1).unwrap();
-    let mut trainer = Trainer::new(
-        method,
-        TrainConfig {
-            max_steps: Some(2),
-            epochs: None,
-            max_seconds: None,
-            learning_rate: 1e-4,
-            weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: Default::default(),
-            grad_clip: 1.0,
-            seed: 1,
-            eval_every_steps: 0,
-            divergence_check_every: 0,
-        },
-    );
+    let mut trainer = Trainer::new(method, TrainConfig::fixed_steps(2, 1e-4, 1));
     trainer.train_step(batch, 1e-4).unwrap();
     let resting = memory::current_bytes();
     memory::reset_peak();

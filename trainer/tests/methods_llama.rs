@@ -8,9 +8,7 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use petl_crds::{
-    LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType, Schedule, UniptConfig,
-};
+use petl_crds::{LoraConfig, LstConfig, MethodConfig, MethodSpec, MethodType, UniptConfig};
 use petl_trainer::data::Batch;
 use petl_trainer::methods::{self, Method};
 use petl_trainer::models::gguf::{self, FrozenFormat, Tokenizer};
@@ -96,22 +94,7 @@ fn assert_only_parameters_get_gradients(method: &dyn Method, batch: &Batch) {
 
 /// Training losses of `steps` steps on the same batch.
 fn train(method: Box<dyn Method>, batch: &Batch, steps: u64, lr: f64) -> Vec<f64> {
-    let mut trainer = Trainer::new(
-        method,
-        TrainConfig {
-            max_steps: Some(steps),
-            epochs: None,
-            max_seconds: None,
-            learning_rate: lr,
-            weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            grad_clip: 1.0,
-            seed: 7,
-            eval_every_steps: 0,
-            divergence_check_every: 0,
-        },
-    );
+    let mut trainer = Trainer::new(method, TrainConfig::fixed_steps(steps, lr, 7));
     (0..steps)
         .map(|_| trainer.train_step(batch, lr).unwrap().0)
         .collect()

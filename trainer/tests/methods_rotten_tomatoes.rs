@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use petl_crds::{HeadConfig, LstConfig, MethodConfig, R2Config, Schedule, UniptConfig, VqtConfig};
+use petl_crds::{HeadConfig, LstConfig, MethodConfig, R2Config, UniptConfig, VqtConfig};
 use petl_trainer::data::Batch;
 use petl_trainer::methods;
 use petl_trainer::models::bert::Bert;
@@ -122,22 +122,7 @@ fn lst_on_minilm_lowers_rotten_tomatoes_validation_loss() {
 
     let bert = Bert::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let method = methods::for_bert(&MethodConfig::Lst(LstConfig::default()), bert, 2, 7).unwrap();
-    let mut trainer = Trainer::new(
-        method,
-        TrainConfig {
-            max_steps: Some(20),
-            epochs: None,
-            max_seconds: None,
-            learning_rate: 3e-3,
-            weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            grad_clip: 1.0,
-            seed: 7,
-            eval_every_steps: 0,
-            divergence_check_every: 0,
-        },
-    );
+    let mut trainer = Trainer::new(method, TrainConfig::fixed_steps(20, 3e-3, 7));
     let before = trainer.evaluate(&valid).unwrap();
     let report = trainer.fit(&train, &valid, &mut Quiet).unwrap();
     let after = report.eval.clone().unwrap();
@@ -161,22 +146,7 @@ fn the_linear_probe_on_minilm_lowers_rotten_tomatoes_validation_loss() {
     let method = methods::for_bert(&MethodConfig::Head(HeadConfig::default()), bert, 2, 7).unwrap();
     // Only the head: 2 × 384 weights and 2 biases.
     assert_eq!(method.trainable_parameters(), 2 * 384 + 2);
-    let mut trainer = Trainer::new(
-        method,
-        TrainConfig {
-            max_steps: Some(20),
-            epochs: None,
-            max_seconds: None,
-            learning_rate: 3e-3,
-            weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            grad_clip: 1.0,
-            seed: 7,
-            eval_every_steps: 0,
-            divergence_check_every: 0,
-        },
-    );
+    let mut trainer = Trainer::new(method, TrainConfig::fixed_steps(20, 3e-3, 7));
     let before = trainer.evaluate(&valid).unwrap();
     let report = trainer.fit(&train, &valid, &mut Quiet).unwrap();
     let after = report.eval.clone().unwrap();
@@ -226,22 +196,7 @@ fn train_minilm(
 ) -> (Evaluation, Evaluation) {
     let bert = Bert::load(&minilm_dir(), DType::F32, &Device::Cpu).unwrap();
     let method = methods::for_bert(config, bert, 2, 7).unwrap();
-    let mut trainer = Trainer::new(
-        method,
-        TrainConfig {
-            max_steps: Some(steps),
-            epochs: None,
-            max_seconds: None,
-            learning_rate: lr,
-            weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            grad_clip: 1.0,
-            seed: 7,
-            eval_every_steps: 0,
-            divergence_check_every: 0,
-        },
-    );
+    let mut trainer = Trainer::new(method, TrainConfig::fixed_steps(steps, lr, 7));
     let before = trainer.evaluate(valid).unwrap();
     let report = trainer.fit(train, valid, &mut Quiet).unwrap();
     assert_eq!(report.steps, steps);

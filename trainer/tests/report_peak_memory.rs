@@ -2,7 +2,7 @@
 //! install it): every step reports the process's peak RSS, never 0, and the report holds the max.
 
 use candle_core::{DType, Device, Tensor};
-use petl_crds::{LstConfig, MethodConfig, Schedule};
+use petl_crds::{LstConfig, MethodConfig};
 use petl_trainer::data::Batch;
 use petl_trainer::memory::{self, Source};
 use petl_trainer::methods;
@@ -39,22 +39,7 @@ fn every_step_reports_a_nonzero_peak_and_the_report_keeps_the_largest() {
         attention_mask: Tensor::ones((4, 8), DType::U32, &Device::Cpu).unwrap(),
         labels: Tensor::from_vec(vec![0u32, 1, 0, 1], 4, &Device::Cpu).unwrap(),
     };
-    let mut trainer = Trainer::new(
-        method,
-        TrainConfig {
-            max_steps: Some(3),
-            epochs: None,
-            max_seconds: None,
-            learning_rate: 1e-3,
-            weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            grad_clip: 1.0,
-            seed: 1,
-            eval_every_steps: 0,
-            divergence_check_every: 0,
-        },
-    );
+    let mut trainer = Trainer::new(method, TrainConfig::fixed_steps(3, 1e-3, 1));
     let mut peaks = Peaks(Vec::new());
     let report = trainer
         .fit(&vec![batch], &[], &mut peaks)

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
-use petl_crds::{MethodSpec, MethodType, Schedule};
+use petl_crds::{MethodSpec, MethodType};
 use petl_trainer::data::Batch;
 use petl_trainer::memory;
 use petl_trainer::methods::{self, Method};
@@ -79,19 +79,7 @@ fn train_and_score(
     let trainable = method_impl.trainable_parameters();
     let mut trainer = Trainer::new(
         method_impl,
-        TrainConfig {
-            max_steps: Some(train.len() as u64),
-            epochs: None,
-            max_seconds: None,
-            learning_rate: lr,
-            weight_decay: 0.0,
-            warmup_steps: 0,
-            schedule: Schedule::Constant,
-            grad_clip: 1.0,
-            seed: 42,
-            eval_every_steps: 0,
-            divergence_check_every: 0,
-        },
+        TrainConfig::fixed_steps(train.len() as u64, lr, 42),
     );
 
     let rss = PeakRss::start()?;

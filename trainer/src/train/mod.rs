@@ -65,6 +65,25 @@ impl TrainConfig {
         }
     }
 
+    /// A budget of `steps` steps at a constant `learning_rate`: no warmup, no weight decay,
+    /// gradients clipped at norm 1, evaluation and the divergence check only at the end. What
+    /// tests, examples and benchmarks train with; change a field with struct update syntax.
+    pub fn fixed_steps(steps: u64, learning_rate: f64, seed: u64) -> Self {
+        Self {
+            max_steps: Some(steps),
+            epochs: None,
+            max_seconds: None,
+            learning_rate,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            grad_clip: 1.0,
+            seed,
+            eval_every_steps: 0,
+            divergence_check_every: 0,
+        }
+    }
+
     /// Steps the run will take at most, given the epoch length.
     pub fn total_steps(&self, batches_per_epoch: usize) -> u64 {
         match (self.max_steps, self.epochs) {
