@@ -226,7 +226,7 @@ mod tests {
 
     #[test]
     fn recall_at_one_reads_only_the_first_prediction() {
-        let truth = [Span::new(2.0, 6.0), Span::new(0.0, 4.0)];
+        let truth = [Span::new(1.0, 6.0), Span::new(0.0, 4.0)];
         let predictions = vec![
             // IoU 3/5 = 0.6 first: a hit at 0.5, a miss at 0.7.
             vec![scored(3.0, 6.0, 0.9), scored(0.0, 1.0, 0.5)],

@@ -8,10 +8,12 @@
 //! * [`features`]: the frozen encoders' last-`k`-layer tokens;
 //! * [`model`]: the R² block over frames with grounding heads;
 //! * [`metrics`]: R@1 at IoU 0.5 and 0.7, mAP, and the chance baselines;
+//! * [`task`]: the encoders and MNIST loaded from the cached packages and encoded once;
 //! * [`train`]: training with AdamW and the held-out evaluation.
 
 pub mod data;
 pub mod features;
 pub mod metrics;
 pub mod model;
+pub mod task;
 pub mod train;
