@@ -266,9 +266,12 @@ pub struct LstConfig {
     #[serde(default)]
     #[schemars(range(min = -10.0, max = 10.0))]
     pub gate_init: f64,
-    /// Initialise side layers from structurally pruned backbone weights rather than randomly.
-    #[serde(default = "default_true")]
-    pub init_from_backbone: bool,
+    /// Initialise side layers from structurally pruned backbone weights (`true`) or randomly
+    /// (`false`). Unset: pruned where the backbone allows it (post-LayerNorm encoder blocks, as in
+    /// BERT-family models, and a side width divisible by the head count), random otherwise (the
+    /// pre-norm ViT and Llama blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from_backbone: Option<bool>,
 }
 
 impl Default for LstConfig {
@@ -277,7 +280,7 @@ impl Default for LstConfig {
             reduction: default_lst_reduction(),
             layers: None,
             gate_init: 0.0,
-            init_from_backbone: true,
+            init_from_backbone: None,
         }
     }
 }

@@ -54,8 +54,10 @@ make_stub() { # $@: symbol names
 
 export PATH="$cr/bin:$PATH" CUDA_ROOT="$cr" CUDA_PATH="$cr" CUDA_HOME="$cr"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000
+# The linker finds the libraries through LIBRARY_PATH (cc turns it into -L) and cudarc's own
+# link-search of $CUDA_ROOT/lib. Not through RUSTFLAGS: a changed RUSTFLAGS rebuilds every
+# dependency, so the CPU build's target dir could not be reused.
 export LIBRARY_PATH="$cr/lib:$stub_dir${LIBRARY_PATH:+:$LIBRARY_PATH}"
-export RUSTFLAGS="${RUSTFLAGS:-} -L $cr/lib -L $stub_dir"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target-cuda}"
 cd "$root"
 read -r -a cargo_cmd <<< "${PETL_CUDA_CARGO:-build --release}"

@@ -171,7 +171,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         MethodConfig::Lst(lst) => MethodConfig::Lst(LstConfig {
             reduction: knob,
             gate_init,
-            init_from_backbone,
+            init_from_backbone: Some(init_from_backbone),
             ..lst
         }),
         other => other,

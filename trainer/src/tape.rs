@@ -330,6 +330,16 @@ impl Dropout {
         }
     }
 
+    /// Inverted dropout of `x` as one node that saves only its mask (candle's `mul` would keep
+    /// `x` too, and give the mask a gradient); `x` itself when inactive.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(mask) = self.mask(x)? else {
+            return Ok(x.clone());
+        };
+        let value = (x.detach() * &mask)?;
+        attach(&[x], value, move |g| Ok(vec![Some((g * &mask)?)]))
+    }
+
     /// A `{0, 1/(1-p)}` mask shaped like `x` (`(examples·T, features)` or any shape whose leading
     /// elements split evenly over the step's examples), or `None` when inactive or `p == 0`.
     pub(crate) fn mask(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -880,6 +890,40 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&Tensor>)
     attach(&[logits], loss, move |g| {
         let d = ((&p - &onehot)?.broadcast_mul(&w.reshape((n, 1))?)? * (1.0 / count))?;
         Ok(vec![Some(d.broadcast_mul(g)?)])
+    })
+}
+
+/// `h + a` (a residual connection) as one node: the gradient flows to whichever of the two
+/// tracks. candle's `+` would also give an untracked side (a frozen embedding's output) a
+/// full-size gradient that stays in the store until the step ends.
+pub fn residual(h: &Tensor, a: &Tensor) -> Result<Tensor> {
+    let value = (h.detach() + a.detach())?;
+    let (need_dh, need_da) = (tracks(h), tracks(a));
+    attach(&[h, a], value, move |g| {
+        Ok(vec![need_dh.then(|| g.clone()), need_da.then(|| g.clone())])
+    })
+}
+
+/// `h + a·s`, with `s` `(d,)` scaling the last dimension of `a` (a ViT block's LayerScale
+/// residual), as one node. Built from candle's ops, a frozen `s` would still get a full-size
+/// `(…, d)` gradient that no one reads and that stays in the gradient store, and the product
+/// `a·s` would be kept for backward; here `a` is kept only when `s` trains.
+pub fn scaled_residual(h: &Tensor, a: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let scale = s.detach();
+    let value = (h.detach() + a.detach().broadcast_mul(&scale)?)?;
+    let (need_dh, need_da) = (tracks(h), tracks(a));
+    let saved_a = tracks(s).then(|| a.detach());
+    attach(&[h, a, s], value, move |g| {
+        let dh = need_dh.then(|| g.clone());
+        let da = need_da.then(|| g.broadcast_mul(&scale)).transpose()?;
+        let ds = match &saved_a {
+            Some(a) => {
+                let (prod, _) = flat2(&(g * a)?)?;
+                Some(prod.sum(0)?)
+            }
+            None => None,
+        };
+        Ok(vec![dh, da, ds])
     })
 }
 

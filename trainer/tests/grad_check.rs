@@ -281,7 +281,7 @@ fn lst_gradients_match_finite_differences() {
             reduction: 2,
             layers: None,
             gate_init: 0.3,
-            init_from_backbone,
+            init_from_backbone: Some(init_from_backbone),
         };
         let m = methods::for_bert(&MethodConfig::Lst(config), tiny_bert(), 3, 1).unwrap();
         check_method(m.as_ref());
@@ -530,7 +530,7 @@ fn the_fused_f32_path_gives_every_method_the_composed_gradients() {
         reduction: 2,
         layers: None,
         gate_init: 0.3,
-        init_from_backbone: true,
+        init_from_backbone: Some(true),
     };
     let configs = [
         MethodConfig::Full(Default::default()),
@@ -615,7 +615,7 @@ fn every_method_on_the_vit_matches_finite_differences() {
             reduction: 2,
             layers: None,
             gate_init: 0.3,
-            init_from_backbone: false,
+            init_from_backbone: Some(false),
         }),
         vqt(VqtCombine::Concat, true),
         vqt(VqtCombine::Mean, false),
@@ -673,7 +673,7 @@ fn lst_pruned_init_on_the_vit_is_refused_naming_the_setting() {
         reduction: 2,
         layers: None,
         gate_init: 0.3,
-        init_from_backbone: true,
+        init_from_backbone: Some(true),
     });
     match methods::build(&config, Box::new(vit), 3, 1) {
         Err(petl_trainer::Error::Config { field, .. }) => {

@@ -149,7 +149,7 @@ fn lst_on_quantized_smollm2_trains_only_its_side_network_and_lowers_the_loss() {
         // Six of the 30 layers keep the side network small and the test fast.
         layers: Some(vec![4, 9, 14, 19, 24, 29]),
         gate_init: 0.0,
-        init_from_backbone: false,
+        init_from_backbone: Some(false),
     });
     let method = build(&config);
     assert!(
@@ -205,9 +205,20 @@ fn methods_that_would_train_quantized_or_absent_tensors_refuse_by_name() {
     );
     let bitfit = refusal(&MethodSpec::of_type(MethodType::Bitfit).config());
     assert!(bitfit.contains("bias"), "{bitfit}");
-    // LST's default pruned initialisation copies BERT-style blocks, which Llama lacks.
-    let lst = refusal(&MethodSpec::of_type(MethodType::Lst).config());
+    // LST's pruned initialisation copies BERT-style blocks, which Llama lacks: asked for, it is
+    // refused; unset, LST starts its side network randomly.
+    let lst = refusal(&MethodConfig::Lst(LstConfig {
+        init_from_backbone: Some(true),
+        ..LstConfig::default()
+    }));
     assert!(lst.contains("initFromBackbone"), "{lst}");
+    methods::build(
+        &MethodSpec::of_type(MethodType::Lst).config(),
+        Box::new(model.clone()),
+        2,
+        7,
+    )
+    .unwrap();
     // VQT runs query tokens through the blocks, which the Llama backbone does not offer.
     let vqt = methods::build(
         &MethodSpec::of_type(MethodType::Vqt).config(),

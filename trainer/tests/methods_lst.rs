@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use petl_crds::{LstConfig, MethodConfig};
 use petl_trainer::methods;
 use petl_trainer::models::bert::{Bert, Config};
+use petl_trainer::models::vit::{self, Vit};
 use petl_trainer::tape;
 
 fn tiny_bert() -> Bert {
@@ -23,7 +24,7 @@ fn lst_backward_skips_frozen_weights() {
         reduction: 4,
         layers: Some(vec![1, 3]),
         gate_init: 0.0,
-        init_from_backbone: true,
+        init_from_backbone: Some(true),
     };
     let method = methods::for_bert(&MethodConfig::Lst(config), bert, 2, 3).unwrap();
     let ids = Tensor::from_vec(
@@ -69,7 +70,7 @@ fn lst_rejects_layers_the_backbone_lacks() {
         reduction: 4,
         layers: Some(vec![0, 9]),
         gate_init: 0.0,
-        init_from_backbone: true,
+        init_from_backbone: Some(true),
     };
     let err = methods::for_bert(&MethodConfig::Lst(config), tiny_bert(), 2, 3)
         .err()
@@ -79,4 +80,62 @@ fn lst_rejects_layers_the_backbone_lacks() {
         err.contains("spec.method.lst.layers") && err.contains('9'),
         "{err}"
     );
+}
+
+/// The parameters' values of the LST method `init` builds on `backbone`, by name.
+fn lst_values(
+    init: Option<bool>,
+    backbone: Box<dyn petl_trainer::models::Backbone>,
+) -> Vec<(String, Vec<f32>)> {
+    let config = LstConfig {
+        init_from_backbone: init,
+        ..LstConfig::default()
+    };
+    let method = methods::build(&MethodConfig::Lst(config), backbone, 2, 3).unwrap();
+    method
+        .parameters()
+        .into_iter()
+        .map(|(name, v)| {
+            let values = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (name, values)
+        })
+        .collect()
+}
+
+#[test]
+fn lst_initialisation_follows_the_backbone_when_unset() {
+    // BERT's post-LayerNorm blocks can be pruned: unset means pruned, the same side network as
+    // `initFromBackbone: true`, and not the random one.
+    let pruned = lst_values(Some(true), Box::new(tiny_bert()));
+    assert_eq!(lst_values(None, Box::new(tiny_bert())), pruned);
+    assert_ne!(lst_values(Some(false), Box::new(tiny_bert())), pruned);
+
+    // The ViT's pre-norm blocks cannot: unset builds the random side network, and asking for
+    // pruning names the field.
+    let vit = || {
+        Vit::random(
+            vit::Config::with_shape(32, 2, 4, 4, 8),
+            11,
+            DType::F32,
+            &Device::Cpu,
+        )
+    };
+    assert_eq!(
+        lst_values(None, Box::new(vit().unwrap())),
+        lst_values(Some(false), Box::new(vit().unwrap()))
+    );
+    let config = LstConfig {
+        init_from_backbone: Some(true),
+        ..LstConfig::default()
+    };
+    let err = methods::build(&MethodConfig::Lst(config), Box::new(vit().unwrap()), 2, 3)
+        .err()
+        .expect("pruning a ViT must be refused")
+        .to_string();
+    assert!(err.contains("spec.method.lst.initFromBackbone"), "{err}");
 }

@@ -84,6 +84,46 @@ impl CollectiveError {
             CollectiveError::PeerLost { .. } | CollectiveError::Timeout { .. }
         )
     }
+
+    /// A copy for later calls on a poisoned group: same variant, same fields (an I/O error's
+    /// kind and message; a candle error becomes `Usage`).
+    pub(crate) fn replay(&self) -> CollectiveError {
+        use CollectiveError::*;
+        match self {
+            PeerUnreachable {
+                rank,
+                address,
+                waited,
+            } => PeerUnreachable {
+                rank: *rank,
+                address: address.clone(),
+                waited: *waited,
+            },
+            PeerLost { rank, source } => PeerLost {
+                rank: *rank,
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Timeout { rank, waited } => Timeout {
+                rank: *rank,
+                waited: *waited,
+            },
+            Auth { rank, reason } => Auth {
+                rank: *rank,
+                reason: reason.clone(),
+            },
+            Protocol { rank, reason } => Protocol {
+                rank: *rank,
+                reason: reason.clone(),
+            },
+            Listen { address, source } => Listen {
+                address: address.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Usage(why) => Usage(why.clone()),
+            Candle(e) => Usage(format!("an earlier operation failed on its tensors: {e}")),
+            Nccl(why) => Nccl(why.clone()),
+        }
+    }
 }
 
 pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;

@@ -31,7 +31,7 @@ pub struct NcclCollective {
     device: CudaDevice,
     /// Carries `all_gather_bytes` (host bytes) and kept the id's exchange authenticated.
     bootstrap: TcpCollective,
-    poisoned: Option<String>,
+    poisoned: Option<CollectiveError>,
 }
 
 impl std::fmt::Debug for NcclCollective {
@@ -87,13 +87,23 @@ impl NcclCollective {
         })
     }
 
+    /// Runs one operation; its failure poisons the group: later calls fail at once with the
+    /// same error (NCCL's communicator may be left mid-collective), as with the TCP group.
     fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        if let Some(why) = &self.poisoned {
-            return Err(CollectiveError::Nccl(format!(
-                "an earlier call failed, the group must be formed again: {why}"
-            )));
+        if let Some(error) = &self.poisoned {
+            return Err(error.replay());
         }
-        op(self).inspect_err(|e| self.poisoned = Some(e.to_string()))
+        // The trainer calls from its communication thread, not the one that formed the group:
+        // cudarc's allocations and NCCL's launches need the device's context current here.
+        let bound = self
+            .device
+            .cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl("binding the CUDA context", e));
+        bound
+            .and_then(|()| op(self))
+            .inspect_err(|error| self.poisoned = Some(error.replay()))
     }
 
     /// Runs `f` on the elements of a contiguous 1-D f32 tensor on this rank's device.

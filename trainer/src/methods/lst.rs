@@ -55,12 +55,16 @@ impl Lst {
                 ),
             })?;
         let kept = kept_layers(config.layers.as_deref(), n_layers)?;
-        let side = SideShape::new(backbone.as_ref(), reduction, config.init_from_backbone)?;
+        // Unset: prune wherever the backbone allows it, so the default works on every backbone.
+        let from_backbone = config
+            .init_from_backbone
+            .unwrap_or_else(|| can_prune(backbone.as_ref(), reduction));
+        let side = SideShape::new(backbone.as_ref(), reduction, from_backbone)?;
         let mut rng = Rng::new(seed);
         let (dtype, device) = (backbone.dtype(), backbone.device().clone());
         // Pruned initialisation copies the backbone's own blocks into the side network, which
         // needs blocks of the side network's architecture.
-        let sources = if config.init_from_backbone {
+        let sources = if from_backbone {
             Some(backbone.encoder_layers().ok_or_else(|| {
                 Error::Config {
                     field: "spec.method.lst.initFromBackbone".into(),
@@ -242,6 +246,13 @@ fn kept_layers(layers: Option<&[i32]>, n: usize) -> Result<Vec<usize>> {
         });
     }
     Ok(kept)
+}
+
+/// Whether pruned initialisation can start the side network on this backbone: it copies
+/// post-LayerNorm encoder blocks and keeps their head count.
+fn can_prune(backbone: &dyn Backbone, reduction: usize) -> bool {
+    backbone.encoder_layers().is_some()
+        && (backbone.hidden_size() / reduction).is_multiple_of(backbone.num_heads())
 }
 
 /// Side-network dimensions.

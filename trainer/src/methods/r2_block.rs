@@ -111,9 +111,9 @@ impl Map {
 
     /// `drops`: this layer's two dropouts (each layer draws its own masks).
     fn forward(&self, x: &Tensor, drops: &[Dropout]) -> Result<Tensor> {
-        let h = dropout(&self.norm_in.forward(x)?, &drops[0])?;
+        let h = drops[0].forward(&self.norm_in.forward(x)?)?;
         let h = relu(&self.linear_in.forward(&h)?)?;
-        let h = dropout(&self.norm_mid.forward(&h)?, &drops[1])?;
+        let h = drops[1].forward(&self.norm_mid.forward(&h)?)?;
         self.linear_out.forward(&h)
     }
 
@@ -190,7 +190,7 @@ impl Decoder {
             memory_bias,
             self.heads,
         )?;
-        let x = self.norms[0].forward(&sum(x, &m.forward(&att)?)?)?;
+        let x = self.norms[0].forward(&tape::residual(x, &m.forward(&att)?)?)?;
         let own = match &self.self_qk {
             Some([sq, sk]) => {
                 let (b, t, _) = x.dims3()?;
@@ -208,9 +208,9 @@ impl Decoder {
             // Attention over one position: its weight is 1, so only the value path remains.
             None => self.self_out.forward(&self.self_value.forward(&x)?)?,
         };
-        let x = self.norms[1].forward(&sum(&x, &own)?)?;
+        let x = self.norms[1].forward(&tape::residual(&x, &own)?)?;
         let ffn = self.ffn_out.forward(&relu(&self.ffn_in.forward(&x)?)?)?;
-        self.norms[2].forward(&sum(&x, &ffn)?)
+        self.norms[2].forward(&tape::residual(&x, &ffn)?)
     }
 
     fn train(&mut self, prefix: &str, t: &mut Trainables) -> Result<()> {
@@ -331,7 +331,7 @@ impl Block {
             token_bias,
             1,
         )?;
-        max_over_queries(&sum(&pooled, q)?)
+        max_over_queries(&tape::residual(&pooled, q)?)
     }
 
     /// Layer `i`'s refined state: `own + tanh(scale_i)·o`, then mixed with the later layer's
@@ -452,14 +452,6 @@ pub(crate) fn max_over_queries(x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// `a + b` as one node that saves nothing.
-pub(crate) fn sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let value = (a.detach() + b.detach())?;
-    tape::attach(&[a, b], value, |g| {
-        Ok(vec![Some(g.clone()), Some(g.clone())])
-    })
-}
-
 /// `x + c` for a constant `c` broadcast to `x`'s shape, as one node over `x` alone.
 fn add_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     let value = x.detach().broadcast_add(c)?;
@@ -476,15 +468,6 @@ pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
     tape::attach(&[x], y, move |g| {
         Ok(vec![Some((g * passed.to_dtype(g.dtype())?)?)])
     })
-}
-
-/// Inverted dropout as one node that saves only its mask (candle's `mul` would keep `x` too).
-fn dropout(x: &Tensor, layer: &Dropout) -> Result<Tensor> {
-    let Some(mask) = layer.mask(x)? else {
-        return Ok(x.clone());
-    };
-    let value = (x.detach() * &mask)?;
-    tape::attach(&[x], value, move |g| Ok(vec![Some((g * &mask)?)]))
 }
 
 /// The check every R² constructor makes of a count setting: at least 1.

@@ -161,10 +161,7 @@ impl Method for Vqt {
         {
             let (q, d) = queries.dims2()?;
             let x = queries.as_tensor().unsqueeze(0)?.broadcast_as((b, q, d))?;
-            let x = match dropout.mask(&x)? {
-                Some(m) => (x * m)?,
-                None => x,
-            };
+            let x = dropout.forward(&x)?;
             let out = self.backbone.query_block(i, &x, &tokens, &bias)?;
             features.push(self.summarise(&out)?);
         }

@@ -105,9 +105,10 @@ impl Layer {
         let ctx = tape::attention(&q, &k, &v, bias, self.heads)?;
         let a = self
             .attention_norm
-            .forward(&(self.attention_output.forward(&ctx)? + h)?)?;
+            .forward(&tape::residual(h, &self.attention_output.forward(&ctx)?)?)?;
         let i = self.intermediate.forward_act(&a, Activation::Gelu)?;
-        self.output_norm.forward(&(self.output.forward(&i)? + &a)?)
+        self.output_norm
+            .forward(&tape::residual(&a, &self.output.forward(&i)?)?)
     }
 
     /// The block's linears under their checkpoint module names, relative to the block.

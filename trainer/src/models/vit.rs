@@ -194,12 +194,12 @@ impl Layer {
         );
         let ctx = tape::attention(&q, &k, &v, bias, self.heads)?;
         let a = self.attention_output.forward(&ctx)?;
-        let h = (h + a.broadcast_mul(&self.layer_scale1)?)?;
+        let h = tape::scaled_residual(h, &a, &self.layer_scale1)?;
         let m = self
             .fc1
             .forward_act(&self.norm2.forward(&h)?, Activation::Gelu)?;
         let m = self.fc2.forward(&m)?;
-        Ok((&h + m.broadcast_mul(&self.layer_scale2)?)?)
+        tape::scaled_residual(&h, &m, &self.layer_scale2)
     }
 
     /// The block's linears under their checkpoint module names, relative to the block.
@@ -522,9 +522,8 @@ impl Vit {
             .permute(vec![0, 2, 4, 1, 3, 5])?
             .reshape((b, gh * gw, c * p * p))?;
         let x = self.embeddings.patch.forward(&patches)?;
-        let cls = self.embeddings.cls_token.broadcast_as((b, 1, d))?;
-        let x = Tensor::cat(&[&cls, &x], 1)?;
-        Ok(x.broadcast_add(&self.position_embeddings(gh, gw)?)?)
+        let position = self.position_embeddings(gh, gw)?;
+        prepend_and_place(&self.embeddings.cls_token, &x, &position, d)
     }
 
     /// The position table for a `gh × gw` patch grid, `(1, 1 + gh·gw, d)`: the trained grid
@@ -616,6 +615,28 @@ impl Vit {
 type Visitor<'a> = dyn FnMut(&str, &mut Tensor, Role) -> Result<()> + 'a;
 
 type Entry<'a> = (String, &'a mut Tensor, Role);
+
+/// `[cls; x] + position` as one node: `cls` `(1, 1, d)` before the `(B, N, d)` patch tokens,
+/// `position` `(1, 1 + N, d)` added to every example. Each input gets a gradient only if it
+/// tracks (with candle's `cat` and `+`, a frozen [CLS] or position table beside trainable patch
+/// tokens, as under BitFit, would get full-size gradients no one reads).
+fn prepend_and_place(cls: &Tensor, x: &Tensor, position: &Tensor, d: usize) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let cls_b = cls.detach().broadcast_as((b, 1, d))?;
+    let value = Tensor::cat(&[&cls_b, &x.detach()], 1)?.broadcast_add(&position.detach())?;
+    let (need_cls, need_x, need_pos) = (tape::tracks(cls), tape::tracks(x), tape::tracks(position));
+    tape::attach(&[cls, x, position], value, move |g| {
+        let n = g.dim(1)? - 1;
+        let dcls = need_cls
+            .then(|| g.narrow(1, 0, 1)?.sum_keepdim(0))
+            .transpose()?;
+        let dx = need_x
+            .then(|| g.narrow(1, 1, n)?.contiguous())
+            .transpose()?;
+        let dpos = need_pos.then(|| g.sum_keepdim(0)).transpose()?;
+        Ok(vec![dcls, dx, dpos])
+    })
+}
 
 fn push_linear<'a>(out: &mut Vec<Entry<'a>>, name: &str, l: &'a mut Linear) {
     out.push((format!("{name}.weight"), &mut l.weight, Role::Weight));

@@ -160,10 +160,10 @@ impl TcpCollective {
     /// Runs one operation; its failure poisons the group and shuts the links down.
     fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if let Some(error) = &self.poisoned {
-            return Err(replay(error));
+            return Err(error.replay());
         }
         op(self).inspect_err(|error| {
-            self.poisoned = Some(replay(error));
+            self.poisoned = Some(error.replay());
             if let Some(ring) = &self.ring {
                 ring.shutdown();
             }
@@ -176,45 +176,6 @@ impl Drop for TcpCollective {
         if let Some(ring) = &self.ring {
             ring.shutdown();
         }
-    }
-}
-
-/// A copy of `error` for later calls on a poisoned group: same variant, same fields.
-fn replay(error: &CollectiveError) -> CollectiveError {
-    use CollectiveError::*;
-    match error {
-        PeerUnreachable {
-            rank,
-            address,
-            waited,
-        } => PeerUnreachable {
-            rank: *rank,
-            address: address.clone(),
-            waited: *waited,
-        },
-        PeerLost { rank, source } => PeerLost {
-            rank: *rank,
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        Timeout { rank, waited } => Timeout {
-            rank: *rank,
-            waited: *waited,
-        },
-        Auth { rank, reason } => Auth {
-            rank: *rank,
-            reason: reason.clone(),
-        },
-        Protocol { rank, reason } => Protocol {
-            rank: *rank,
-            reason: reason.clone(),
-        },
-        Listen { address, source } => Listen {
-            address: address.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        Usage(why) => Usage(why.clone()),
-        Candle(e) => Usage(format!("an earlier operation failed on its tensors: {e}")),
-        Nccl(why) => Nccl(why.clone()),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The Llama layers on `tape`: weights that stay block-quantized or train in f32, bias-free
-//! projections with LoRA, RMSNorm, rotary embeddings, grouped-query causal attention, SwiGLU and
-//! the residual add, each owning its backward.
+//! projections with LoRA, RMSNorm, rotary embeddings, grouped-query causal attention and SwiGLU,
+//! each owning its backward (the residual add is the tape's).
 
 use std::sync::Arc;
 
@@ -374,14 +374,5 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let dgate = ((g * &ud)? * dsilu)?;
         let dup = (g * silu)?;
         Ok(vec![Some(dgate), Some(dup)])
-    })
-}
-
-/// `h + delta` as a node: candle's own `add` stores a gradient for an untracked operand too (the
-/// frozen embeddings under LoRA), which no backward reads and which stays in the gradient store.
-pub fn residual(h: &Tensor, delta: &Tensor) -> Result<Tensor> {
-    let y = (h.detach() + delta.detach())?;
-    attach(&[h, delta], y, |g| {
-        Ok(vec![Some(g.clone()), Some(g.clone())])
     })
 }

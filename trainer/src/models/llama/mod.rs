@@ -22,7 +22,7 @@ use crate::{Error, Result};
 mod backbone;
 mod layers;
 
-pub use layers::{Proj, RmsNorm, Rope, Weight, attention, causal_bias, residual, swiglu};
+pub use layers::{Proj, RmsNorm, Rope, Weight, attention, causal_bias, swiglu};
 
 /// The fields of an HF Llama `config.json` this model reads.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -116,10 +116,10 @@ impl DecoderLayer {
         let k = rope.apply(&self.k_proj.forward(&x)?, self.kv_heads)?;
         let v = self.v_proj.forward(&x)?;
         let ctx = attention(&q, &k, &v, bias)?;
-        let h = residual(h, &self.o_proj.forward(&ctx)?)?;
+        let h = tape::residual(h, &self.o_proj.forward(&ctx)?)?;
         let x = self.post_attention_layernorm.forward(&h)?;
         let m = swiglu(&self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
-        residual(&h, &self.down_proj.forward(&m)?)
+        tape::residual(&h, &self.down_proj.forward(&m)?)
     }
 
     pub fn projections(&self) -> [&Proj; 7] {
