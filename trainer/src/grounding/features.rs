@@ -96,6 +96,36 @@ pub fn query_features(bert: &Bert, tokenizer: &Tokenizer, k: usize) -> Result<Qu
     })
 }
 
+/// Standardises every channel of every tapped layer with the mean and standard deviation over
+/// `fit`'s tokens (all images, all positions), applied in place to `fit` and to each of `also`.
+/// The ViT's residual stream carries a few channels hundreds of times larger than the rest, which
+/// the block's first LayerNorm would otherwise let dominate every token.
+pub fn standardise(fit: &mut [Tensor], also: &mut [&mut [Tensor]]) -> Result<()> {
+    for (i, layer) in fit.iter_mut().enumerate() {
+        let c = layer.dim(candle_core::D::Minus1)?;
+        let rows = layer.reshape(((), c))?;
+        let mean = rows.mean_keepdim(0)?;
+        let std = rows
+            .broadcast_sub(&mean)?
+            .sqr()?
+            .mean_keepdim(0)?
+            .affine(1.0, 1e-6)?
+            .sqrt()?;
+        let apply = |x: &Tensor| -> Result<Tensor> {
+            let dims = x.dims().to_vec();
+            Ok(x.reshape(((), c))?
+                .broadcast_sub(&mean)?
+                .broadcast_div(&std)?
+                .reshape(dims)?)
+        };
+        *layer = apply(layer)?;
+        for other in also.iter_mut() {
+            other[i] = apply(&other[i])?;
+        }
+    }
+    Ok(())
+}
+
 fn check_k(k: usize, layers: usize) -> Result<()> {
     if k == 0 || k > layers {
         return Err(Error::Config {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 
-use super::features::{FrameFeatures, QueryFeatures, frame_features, query_features};
+use super::features::{FrameFeatures, QueryFeatures, frame_features, query_features, standardise};
 use crate::Result;
 use crate::data::image::{ImageDataConfig, ImageDataset, ImageFormat, PixelRows};
 use crate::data::{Tokenizer, UnknownLabels, Validation};
@@ -90,7 +90,12 @@ pub fn encode(config: &TaskConfig, resolver: &Resolver) -> Result<Encoded> {
     let dir: PathBuf = resolver.input(MINILM)?;
     let bert = Bert::load(&dir, DType::F32, &device)?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), 16)?;
-    let queries = query_features(&bert, &tokenizer, config.layers)?;
+    let mut queries = query_features(&bert, &tokenizer, config.layers)?;
+    // Per channel, with the training images' statistics (the queries with their own ten).
+    let mut train = train;
+    let mut eval = eval;
+    standardise(&mut train.layers, &mut [&mut eval.layers])?;
+    standardise(&mut queries.layers, &mut [])?;
     Ok(Encoded {
         train,
         eval,
