@@ -173,7 +173,12 @@ pub fn uniform_span_scores(truth: &[Span], t: usize) -> Scores {
     for span in &all {
         let ranked: Vec<Vec<Scored>> = truth
             .iter()
-            .map(|_| vec![Scored { span: *span, score: 1.0 }])
+            .map(|_| {
+                vec![Scored {
+                    span: *span,
+                    score: 1.0,
+                }]
+            })
             .collect();
         let s = scores(&ranked, truth);
         total.r1_at_05 += s.r1_at_05;
@@ -290,7 +295,11 @@ mod tests {
         assert!((s.r1_at_07 - 1.0 / 3.0).abs() < 1e-12);
         // [1, 4) is the first span (in start, end order) with IoU ≥ 0.5 on two of the three:
         // 2/3 with [2, 4) and 1/2 with [2, 5).
-        let train = [Span::new(2.0, 4.0), Span::new(2.0, 5.0), Span::new(0.0, 1.0)];
+        let train = [
+            Span::new(2.0, 4.0),
+            Span::new(2.0, 5.0),
+            Span::new(0.0, 1.0),
+        ];
         assert_eq!(best_fixed_span(&train, 6), Span::new(1.0, 4.0));
     }
 }
