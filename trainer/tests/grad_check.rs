@@ -451,6 +451,7 @@ fn grounding_block_gradients_match_finite_differences() {
             dims: 8,
             dropout: 0.0,
             boundary_weight: 0.7,
+            calibration_weight: 0.3,
         };
         let g = Grounder::new(config, 6, 5, DType::F64, &Device::Cpu, 2).unwrap();
         let mut rng = Rng::new(5);
@@ -458,8 +459,11 @@ fn grounding_block_gradients_match_finite_differences() {
             video: (0..layers)
                 .map(|_| rand(&mut rng, &[2, 4, 3, 6], 1.0))
                 .collect(),
-            query: (0..layers).map(|_| rand(&mut rng, &[2, 2, 5], 1.0)).collect(),
+            query: (0..layers)
+                .map(|_| rand(&mut rng, &[2, 2, 5], 1.0))
+                .collect(),
             spans: vec![Span::new(1.0, 3.0), Span::new(0.0, 1.0)],
+            digits: vec![3, 5],
             frames: 4,
         };
         for (name, v) in g.parameters() {

@@ -22,6 +22,8 @@ pub struct GroundingArgs {
     /// Tapped layers of each model trained (1: no recurrence).
     pub models: Vec<usize>,
     pub dropout: f64,
+    /// Weight of the layer-wise calibration loss.
+    pub calibration: f64,
     pub frames: usize,
     pub train_clips: usize,
     pub eval_clips: usize,
@@ -71,6 +73,7 @@ pub fn table(a: &GroundingArgs, load_before: &str) -> Result<()> {
             layers,
             dims: a.dims,
             dropout: a.dropout,
+            calibration_weight: a.calibration,
             ..ModelConfig::default()
         };
         let outcome = train_and_evaluate(
@@ -91,7 +94,7 @@ pub fn table(a: &GroundingArgs, load_before: &str) -> Result<()> {
         "R²-Tuning grounding on real MNIST frames: clips of {} frames (one span of 2–{} frames shows \
          the queried digit), {} training clips over {} images, {} held-out clips over {} other \
          images; DINOv2 ViT-S/14 at 56 px and MiniLM frozen (features encoded once, {:.1} s); \
-         {} steps × {} clips, AdamW lr {}, block width {}. Load before: {load_before}; after: {}",
+         {} steps × {} clips, AdamW lr {}, block width {}, calibration weight {}. Load before: {load_before}; after: {}",
         a.frames,
         a.frames / 2,
         a.train_clips,
@@ -103,6 +106,7 @@ pub fn table(a: &GroundingArgs, load_before: &str) -> Result<()> {
         a.batch,
         a.lr,
         a.dims,
+        a.calibration,
         super::load_average()
     );
     println!();

@@ -106,6 +106,9 @@ struct Args {
     /// Grounding: dropout in the block's maps.
     #[arg(long, default_value_t = 0.1)]
     grounding_dropout: f64,
+    /// Grounding: weight of the layer-wise calibration loss (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    grounding_calibration: f64,
     /// Grounding: MNIST images the training clips draw from (of the 2,500 in the training split)
     /// and images the held-out clips draw from (of the other 2,500).
     #[arg(long, default_value_t = 2000)]
@@ -225,6 +228,7 @@ fn grounding_table(args: &Args) -> Result<()> {
             dims: args.grounding_dims,
             models: args.grounding_models.clone(),
             dropout: args.grounding_dropout,
+            calibration: args.grounding_calibration,
             frames: args.frames,
             train_clips: args.train_clips,
             eval_clips: args.eval_clips,

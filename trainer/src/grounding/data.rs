@@ -138,19 +138,29 @@ pub struct ClipBatch {
     pub query: Vec<Tensor>,
     /// The truth spans.
     pub spans: Vec<Span>,
+    /// The queried digits (clips with the same digit are each other's positives in the
+    /// calibration loss).
+    pub digits: Vec<u32>,
     /// Frames per clip.
     pub frames: usize,
 }
 
 /// Gathers the cached features of `clips`' frames and queries.
-pub fn batch(clips: &[&Clip], frames: &FrameFeatures, queries: &QueryFeatures) -> Result<ClipBatch> {
+pub fn batch(
+    clips: &[&Clip],
+    frames: &FrameFeatures,
+    queries: &QueryFeatures,
+) -> Result<ClipBatch> {
     let t = clips.first().map_or(0, |c| c.frames.len());
     if clips.iter().any(|c| c.frames.len() != t) || t == 0 {
         return Err(Error::Internal(
             "a grounding batch needs clips of one non-zero length".into(),
         ));
     }
-    let device = frames.layers.first().map_or(Device::Cpu, |l| l.device().clone());
+    let device = frames
+        .layers
+        .first()
+        .map_or(Device::Cpu, |l| l.device().clone());
     let b = clips.len();
     let frame_ids: Vec<u32> = clips
         .iter()
@@ -175,6 +185,7 @@ pub fn batch(clips: &[&Clip], frames: &FrameFeatures, queries: &QueryFeatures) -
         video,
         query,
         spans: clips.iter().map(|c| c.span()).collect(),
+        digits: clips.iter().map(|c| c.digit).collect(),
         frames: t,
     })
 }

@@ -9,7 +9,9 @@
 //! are 16–32 frames, not minutes): per frame a foreground logit (binary cross-entropy against
 //! "this frame shows the queried digit"; the paper's focal loss) and the distances from the
 //! frame's centre to the span's start and end in units of the clip (L1 on the foreground
-//! frames). The saliency NCE and the InfoNCE calibration losses are left out. A frame's
+//! frames). Of the paper's contrastive losses the layer-wise calibration is kept ([`calibration`]:
+//! per tapped layer, each clip's mean foreground-frame state against the clips' mean query
+//! tokens); the saliency NCE and the video-level calibration are left out. A frame's
 //! prediction is the span its distances give, scored by its foreground probability; the spans
 //! are ranked after non-maximum suppression.
 //!
@@ -39,6 +41,8 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Weight of the boundary L1 loss against the foreground loss.
     pub boundary_weight: f64,
+    /// Weight of the layer-wise calibration loss (0: off).
+    pub calibration_weight: f64,
 }
 
 impl Default for ModelConfig {
@@ -48,6 +52,7 @@ impl Default for ModelConfig {
             dims: 64,
             dropout: 0.1,
             boundary_weight: 1.0,
+            calibration_weight: 0.1,
         }
     }
 }
@@ -67,6 +72,9 @@ pub struct FrameOutputs {
     pub foreground: Tensor,
     /// `(B, T, 2)` distances from the frame's centre to the start and the end, in clips.
     pub boundary: Tensor,
+    /// Per tapped layer (in the order the recurrence reads them): the merged frame states
+    /// `(B, T, D)` the decoder reads, and the mean of the mapped query tokens `(B, D)`.
+    pub layers: Vec<(Tensor, Tensor)>,
 }
 
 impl Grounder {
@@ -156,6 +164,7 @@ impl Grounder {
         let token_bias = Tensor::zeros((b * t, 1, 1, p), dtype, &device)?;
         let memory_bias = Tensor::zeros((b, 1, 1, l), dtype, &device)?;
         let mut last: Option<Tensor> = None;
+        let mut layers = Vec::with_capacity(k);
         // From the last tapped layer back to the first.
         for i in (0..k).rev() {
             let tokens = Tensor::cat(&[&batch.video[nv - k + i], &tef], D::Minus1)?;
@@ -173,25 +182,41 @@ impl Grounder {
                 .reshape((b, t, d))?;
             let s = self.block.merge(i, &own, &o, last.as_ref())?;
             last = Some(self.block.decode(&s, &q, &memory_bias, Some(&pe))?);
+            layers.push((s, q.mean(1)?));
         }
-        let last = last.ok_or_else(|| Error::Internal("the grounding model read no layer".into()))?;
+        let last =
+            last.ok_or_else(|| Error::Internal("the grounding model read no layer".into()))?;
         Ok(FrameOutputs {
             foreground: self.foreground.forward(&last)?.squeeze(2)?,
             boundary: self.boundary.forward(&last)?,
+            layers,
         })
     }
 
-    /// The training loss: mean binary cross-entropy of the foreground logits plus
-    /// `boundary_weight` × the mean L1 of the boundary distances over foreground frames.
+    /// The training loss: mean binary cross-entropy of the foreground logits, plus
+    /// `boundary_weight` × the mean L1 of the boundary distances over foreground frames, plus
+    /// `calibration_weight` × the mean over the tapped layers of the calibration loss
+    /// ([`calibration`]).
     pub fn loss(&self, batch: &ClipBatch) -> Result<Tensor> {
         let out = self.forward(batch)?;
         let (fg, bounds) = targets(batch, out.foreground.dtype(), out.foreground.device())?;
         let bce = bce_with_logits(&out.foreground, &fg)?;
         let l1 = masked_l1(&out.boundary, &bounds, &fg, self.config.boundary_weight)?;
         let value = (bce.detach() + l1.detach())?;
-        tape::attach(&[&bce, &l1], value, |g| {
+        let total = tape::attach(&[&bce, &l1], value, |g| {
             Ok(vec![Some(g.clone()), Some(g.clone())])
-        })
+        })?;
+        if self.config.calibration_weight == 0.0 {
+            return Ok(total);
+        }
+        // The mean over the tapped layers, so that the weight means the same for any `layers`.
+        let w = self.config.calibration_weight / out.layers.len() as f64;
+        let mut sum = total;
+        for (states, query) in &out.layers {
+            let c = calibration(states, query, &fg, &batch.digits)?;
+            sum = (sum + (c * w)?)?;
+        }
+        Ok(sum)
     }
 
     /// Ranked spans per clip (no graph): every frame's span, scored by its foreground
@@ -226,7 +251,13 @@ impl Grounder {
 }
 
 /// `(B, T, P, 2)`: every token of frame `t` carries `[t/T, (t+1)/T]`.
-fn temporal_endpoints(b: usize, t: usize, p: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+fn temporal_endpoints(
+    b: usize,
+    t: usize,
+    p: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let values: Vec<f64> = (0..t)
         .flat_map(|f| [f as f64 / t as f64, (f + 1) as f64 / t as f64])
         .collect();
@@ -258,6 +289,38 @@ fn targets(batch: &ClipBatch, dtype: DType, device: &Device) -> Result<(Tensor, 
     ))
 }
 
+/// Temperature of the calibration loss's cosine similarities.
+const CALIBRATION_TEMPERATURE: f64 = 0.07;
+
+/// One layer's calibration loss, a supervised InfoNCE over the batch as R²-Tuning's layer-wise
+/// contrastive calibration of video and query: each clip's video vector (the mean of its
+/// foreground frames' states `(B, T, D)`, `fg` `(B, T)` 0/1) against every clip's query vector
+/// (`query` `(B, D)`), cosine similarity over a temperature; the clips asking for the same digit
+/// are the positives: `−log Σ_pos softmax`, averaged over the clips.
+pub fn calibration(states: &Tensor, query: &Tensor, fg: &Tensor, digits: &[u32]) -> Result<Tensor> {
+    let b = digits.len();
+    let weights = fg.broadcast_div(&fg.sum_keepdim(1)?.maximum(1.0)?)?;
+    let video = weights.unsqueeze(1)?.matmul(states)?.squeeze(1)?;
+    let unit = |x: &Tensor| -> Result<Tensor> {
+        let norm = x.sqr()?.sum_keepdim(1)?.affine(1.0, 1e-12)?.sqrt()?;
+        Ok(x.broadcast_div(&norm)?)
+    };
+    let logits = (unit(&video)?.matmul(&unit(query)?.t()?)? / CALIBRATION_TEMPERATURE)?;
+    let positives: Vec<f64> = digits
+        .iter()
+        .flat_map(|a| digits.iter().map(move |d| f64::from(u8::from(a == d))))
+        .collect();
+    let positives =
+        Tensor::from_vec(positives, (b, b), states.device())?.to_dtype(states.dtype())?;
+    // −log(Σ_pos e^x / Σ_all e^x), shifted by the row maximum (candle's own ops, which all
+    // have gradients).
+    let e = logits
+        .broadcast_sub(&logits.max_keepdim(1)?.detach())?
+        .exp()?;
+    let hit = ((&e * positives)?.sum(1)?.log()? - e.sum(1)?.log()?)?;
+    Ok((hit.mean_all()? * -1.0)?)
+}
+
 /// Mean of `softplus(x) − x·y` (binary cross-entropy with logits) as one node that saves
 /// `σ(x) − y`.
 pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -281,7 +344,8 @@ pub fn masked_l1(pred: &Tensor, target: &Tensor, mask: &Tensor, weight: f64) -> 
     let m = mask.unsqueeze(D::Minus1)?;
     let count = (mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?).max(1.0) * 2.0;
     let diff = (pred.detach() - target)?;
-    let value = ((diff.abs()?.broadcast_mul(&m)?.sum_all()? * (weight / count))?).to_dtype(pred.dtype())?;
+    let value =
+        ((diff.abs()?.broadcast_mul(&m)?.sum_all()? * (weight / count))?).to_dtype(pred.dtype())?;
     if !tape::tracks(pred) {
         return Ok(value);
     }
