@@ -312,8 +312,9 @@ pub fn calibration(states: &Tensor, query: &Tensor, fg: &Tensor, digits: &[u32])
         .collect();
     let positives =
         Tensor::from_vec(positives, (b, b), states.device())?.to_dtype(states.dtype())?;
-    // −log(Σ_pos e^x / Σ_all e^x), shifted by the row maximum (candle's own ops, which all
-    // have gradients).
+    // −log(Σ_pos e^x / Σ_all e^x), shifted by the row maximum, from candle's own ops:
+    // `candle_nn::ops::softmax_last_dim` has no backward and silently returns an untracked
+    // tensor, so a loss built on it trains nothing.
     let e = logits
         .broadcast_sub(&logits.max_keepdim(1)?.detach())?
         .exp()?;
