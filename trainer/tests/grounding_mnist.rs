@@ -49,12 +49,12 @@ fn the_block_grounds_the_queried_digit_far_above_chance_on_held_out_clips() {
         )
         .unwrap()
     };
-    let last = run(1, 250, 16);
-    let r2 = run(4, 20, 8);
+    let last = run(1, 200, 16);
+    let r2 = run(4, 10, 8);
     eprintln!(
         "encoding {:.1} s; chance R@1@0.5 {:.3} (uniform span), {:.3} (best fixed span); last \
          layer: R@1@0.5 {:.3} R@1@0.7 {:.3} mAP {:.3}, loss {:.3} → {:.3}, {:.3} s/step; R² \
-         (4 layers, 20 steps): loss {:.3} → {:.3}, {:.3} s/step; {:.1} s in all",
+         (4 layers, 10 steps): loss {:.3} → {:.3}, {:.3} s/step; {:.1} s in all",
         encoded.seconds,
         uniform.r1_at_05,
         fixed.r1_at_05,
