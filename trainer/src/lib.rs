@@ -20,6 +20,7 @@ pub mod collective;
 pub mod data;
 pub mod device;
 pub mod export;
+pub mod grounding;
 pub mod launch;
 pub mod manifest;
 pub mod metrics;

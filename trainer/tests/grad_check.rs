@@ -435,6 +435,46 @@ fn r2_gradients_match_finite_differences() {
     }
 }
 
+/// The grounding model's R² block over frames (self-attention across 4 frames, the positional
+/// encoding, TEF) with its heads and losses, on random cached features: 2 clips of 4 frames of 3
+/// tokens (width 6), queries of 2 tokens (width 5), 1 and 3 tapped layers.
+#[test]
+fn grounding_block_gradients_match_finite_differences() {
+    use petl_trainer::grounding::data::ClipBatch;
+    use petl_trainer::grounding::metrics::Span;
+    use petl_trainer::grounding::model::{Grounder, ModelConfig};
+    for layers in [1, 3] {
+        let config = ModelConfig {
+            layers,
+            dims: 8,
+            dropout: 0.0,
+            boundary_weight: 0.7,
+            calibration_weight: 0.3,
+        };
+        let g = Grounder::new(config, 6, 5, DType::F64, &Device::Cpu, 2).unwrap();
+        let mut rng = Rng::new(5);
+        let batch = ClipBatch {
+            video: (0..layers)
+                .map(|_| rand(&mut rng, &[2, 4, 3, 6], 1.0))
+                .collect(),
+            query: (0..layers)
+                .map(|_| rand(&mut rng, &[2, 2, 5], 1.0))
+                .collect(),
+            spans: vec![Span::new(1.0, 3.0), Span::new(0.0, 1.0)],
+            digits: vec![3, 5],
+            frames: 4,
+        };
+        for (name, v) in g.parameters() {
+            if name.starts_with("r2.scale.") || name.starts_with("r2.gate.") {
+                v.set(&rand(&mut rng, v.dims(), 0.5)).unwrap();
+            }
+        }
+        let params = g.parameters();
+        let vars: Vec<(&str, &Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        check(&vars, &|| g.loss(&batch).unwrap());
+    }
+}
+
 /// Bad R² settings are refused with the field that holds them.
 #[test]
 fn r2_refuses_bad_settings_naming_the_field() {

@@ -8,6 +8,7 @@
 //! Both sides run with the same number of compute threads (--threads, 2 by default).
 
 mod batches;
+mod grounding;
 mod images;
 mod ours;
 mod peak_rss;
@@ -38,7 +39,9 @@ enum TaskArg {
     Mnist,
     /// DINOv2 ViT-S/14 on the textile photos of conformal-clip-data.
     Textiles,
-    /// The three tables, one after the other.
+    /// R²-Tuning's grounding task on clips of real MNIST frames (R² and its baselines only).
+    Grounding,
+    /// The three tables, one after the other (not grounding).
     All,
 }
 
@@ -88,6 +91,38 @@ struct Args {
     /// then come from this split step rather than from Trainer::train_step).
     #[arg(long)]
     phases: bool,
+    /// Grounding: optimiser steps per model.
+    #[arg(long, default_value_t = 300)]
+    grounding_steps: usize,
+    /// Grounding: AdamW's learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    grounding_lr: f64,
+    /// Grounding: width of the R² block.
+    #[arg(long, default_value_t = 64)]
+    grounding_dims: usize,
+    /// Grounding: which models to train, by tapped layers (1: the no-recurrence baseline).
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    grounding_models: Vec<usize>,
+    /// Grounding: dropout in the block's maps.
+    #[arg(long, default_value_t = 0.1)]
+    grounding_dropout: f64,
+    /// Grounding: weight of the layer-wise calibration loss (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    grounding_calibration: f64,
+    /// Grounding: MNIST images the training clips draw from (of the 2,500 in the training split)
+    /// and images the held-out clips draw from (of the other 2,500).
+    #[arg(long, default_value_t = 2000)]
+    train_images: usize,
+    #[arg(long, default_value_t = 500)]
+    eval_images: usize,
+    /// Grounding: frames per clip.
+    #[arg(long, default_value_t = 16)]
+    frames: usize,
+    /// Grounding: training and held-out clips.
+    #[arg(long, default_value_t = 2000)]
+    train_clips: usize,
+    #[arg(long, default_value_t = 500)]
+    eval_clips: usize,
     /// Internal: run one of our methods on a batches file and print one JSON line.
     #[arg(long, hide = true, requires_all = ["batches", "lr"])]
     child: Option<String>,
@@ -169,6 +204,7 @@ fn main() -> Result<()> {
         let done = match task {
             TaskArg::Mnist => image_table(&args, ImageTask::Mnist),
             TaskArg::Textiles => image_table(&args, ImageTask::Textiles),
+            TaskArg::Grounding => grounding_table(&args),
             _ => text_table(&args),
         };
         if let Err(e) = done {
@@ -180,6 +216,28 @@ fn main() -> Result<()> {
         bail!("no table for {}", failed.join(", "));
     }
     Ok(())
+}
+
+fn grounding_table(args: &Args) -> Result<()> {
+    let load_before = load_average();
+    grounding::table(
+        &grounding::GroundingArgs {
+            steps: args.grounding_steps,
+            batch: args.batch.unwrap_or(16),
+            lr: args.grounding_lr,
+            dims: args.grounding_dims,
+            models: args.grounding_models.clone(),
+            dropout: args.grounding_dropout,
+            calibration: args.grounding_calibration,
+            frames: args.frames,
+            train_clips: args.train_clips,
+            eval_clips: args.eval_clips,
+            train_images: args.train_images,
+            eval_images: args.eval_images,
+            seed: 1,
+        },
+        &load_before,
+    )
 }
 
 fn text_model(args: &Args) -> PathBuf {

@@ -9,6 +9,7 @@ pub mod linear_probe;
 pub mod lora;
 pub mod lst;
 pub mod r2;
+pub(crate) mod r2_block;
 pub mod sherl;
 pub mod unipt;
 pub mod vqt;
