@@ -16,6 +16,25 @@ pub struct Budget {
     pub valid: usize,
 }
 
+/// How many training and validation examples a budget of `steps` batches of `batch` takes
+/// from a split of `train` and `validation` examples (`what` names them in the error).
+pub fn split_counts(
+    train: usize,
+    validation: usize,
+    steps: usize,
+    batch: usize,
+    valid: usize,
+    what: &str,
+) -> Result<(usize, usize)> {
+    let need = steps * batch;
+    if train < need {
+        bail!(
+            "{train} training {what}, {need} needed for --steps {steps} --batch {batch}: lower one of them"
+        );
+    }
+    Ok((need, valid.min(validation)))
+}
+
 /// The batches file's content; `peer.py` reads the same fields.
 #[derive(Serialize, Deserialize)]
 pub struct Batches {
@@ -51,16 +70,14 @@ impl Batches {
         };
         let dataset = Dataset::load(&config, &model.join("tokenizer.json"))
             .with_context(|| format!("loading {}", data.display()))?;
-        let need = budget.steps * budget.batch;
-        if dataset.train.len() < need {
-            bail!(
-                "{} training examples, {need} needed for --steps {} --batch {}: lower one of them",
-                dataset.train.len(),
-                budget.steps,
-                budget.batch
-            );
-        }
-        let valid = budget.valid.min(dataset.validation.len());
+        let (need, valid) = split_counts(
+            dataset.train.len(),
+            dataset.validation.len(),
+            budget.steps,
+            budget.batch,
+            budget.valid,
+            "examples",
+        )?;
         Ok(Self {
             num_labels: dataset.num_labels,
             train: pad_all(&dataset.train[..need], budget.batch, dataset.pad_id)?,

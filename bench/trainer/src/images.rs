@@ -141,15 +141,14 @@ pub fn prepare(task: ImageTask, budget: &ImageBudget, stem: &Path) -> Result<Pre
     data.max_samples = Some(need.max(budget.valid));
     let dataset =
         ImageDataset::load(&data).with_context(|| format!("loading {}", data.path.display()))?;
-    if dataset.train.len() < need {
-        bail!(
-            "{} training images, {need} needed for --steps {} --batch {}: lower one of them",
-            dataset.train.len(),
-            budget.steps,
-            budget.batch
-        );
-    }
-    let valid = budget.valid.min(dataset.validation.len());
+    let (need, valid) = crate::batches::split_counts(
+        dataset.train.len(),
+        dataset.validation.len(),
+        budget.steps,
+        budget.batch,
+        budget.valid,
+        "images",
+    )?;
     let cpu = Device::Cpu;
     let (train_pixels, train_labels) = pixels(&dataset.train[..need], dataset.size)?;
     let (valid_pixels, valid_labels) = pixels(&dataset.validation[..valid], dataset.size)?;
