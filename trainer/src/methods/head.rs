@@ -77,4 +77,12 @@ impl Head {
             ("classifier.bias".into(), self.bias.clone()),
         ]
     }
+
+    /// A method's own trainable tensors followed by the head's: what a side method's
+    /// `Method::parameters` returns.
+    pub fn after(&self, own: &[(String, Var)]) -> Vec<(String, Var)> {
+        let mut p = own.to_vec();
+        p.extend(self.parameters());
+        p
+    }
 }

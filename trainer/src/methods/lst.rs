@@ -164,9 +164,7 @@ impl Method for Lst {
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {
-        let mut p = self.params.clone();
-        p.extend(self.head.parameters());
-        p
+        self.head.after(&self.params)
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {

@@ -118,9 +118,7 @@ impl Method for R2 {
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {
-        let mut p = self.params.clone();
-        p.extend(self.head.parameters());
-        p
+        self.head.after(&self.params)
     }
 
     fn forward(&self, input: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {

@@ -156,9 +156,7 @@ impl Method for Sherl {
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {
-        let mut p = self.params.clone();
-        p.extend(self.head.parameters());
-        p
+        self.head.after(&self.params)
     }
 
     fn forward(&self, input: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {

@@ -174,9 +174,7 @@ impl Method for Unipt {
     }
 
     fn parameters(&self) -> Vec<(String, Var)> {
-        let mut p = self.params.clone();
-        p.extend(self.head.parameters());
-        p
+        self.head.after(&self.params)
     }
 
     fn forward(&self, input: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
