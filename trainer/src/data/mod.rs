@@ -246,8 +246,8 @@ fn read_labelled(path: &Path, config: &DataConfig) -> Result<LabelledRows> {
     Ok(labelled)
 }
 
-/// The model's `tokenizer.json`, with its fixed padding turned off (batches pad dynamically)
-/// and truncation to the job's maximum sequence length.
+/// The model's `tokenizer.json` (or the tokenizer a `.gguf` file carries), with its fixed padding
+/// turned off (batches pad dynamically) and truncation to the job's maximum sequence length.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub pad_id: u32,
@@ -261,8 +261,12 @@ impl Tokenizer {
             field: "(tokenizer)".into(),
             message,
         };
-        let mut inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| fail(format!("not a usable tokenizer.json: {e}")))?;
+        let mut inner = if path.extension().is_some_and(|e| e == "gguf") {
+            crate::models::gguf::read_tokenizer(path)?
+        } else {
+            tokenizers::Tokenizer::from_file(path)
+                .map_err(|e| fail(format!("not a usable tokenizer.json: {e}")))?
+        };
         let pad_id = inner
             .get_padding()
             .map(|p| p.pad_id)

@@ -102,6 +102,22 @@ pub fn load(path: &Path, format: FrozenFormat, device: &Device) -> Result<GgufMo
     })
 }
 
+/// The tokenizer a GGUF file carries in its metadata, without reading any tensor.
+pub fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let file_name = path.display().to_string();
+    let bad = |message: String| Error::Weights {
+        file: file_name.clone(),
+        message,
+    };
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: file_name.clone(),
+        source,
+    })?;
+    let content = gguf_file::Content::read(&mut BufReader::new(file))
+        .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+    tokenizer(&content).map_err(|e| bad(format!("tokenizer metadata: {e}")))
+}
+
 /// candle builds the byte-level BPE tokenizer from `tokenizer.ggml.*` with its own `tokenizers`
 /// release; a JSON round trip hands it over to the release the rest of the trainer uses.
 fn tokenizer(ct: &gguf_file::Content) -> std::result::Result<tokenizers::Tokenizer, String> {

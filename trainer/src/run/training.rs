@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use petl_crds::{MethodConfig, ModelDtype, PetlJobSpec};
 
@@ -12,13 +13,16 @@ use super::fault::{self, Fault, FaultKind};
 use super::recovery::{self, Resume};
 use super::report::ReportWriter;
 use super::snapshots::SnapshotLink;
-use super::{ResolvedSources, RunOptions, ranks};
+use super::{ResolvedSources, RunOptions, TextBackbone, ranks};
 use crate::data::{Batch, Batcher, Dataset, Task};
 use crate::export::{HeadFeatures, LoraSettings};
 use crate::manifest::RecoveryRecord;
 use crate::methods;
 use crate::metrics::TrainerMetrics;
+use crate::models::Backbone;
 use crate::models::bert::Bert;
+use crate::models::gguf::FrozenFormat;
+use crate::models::llama::Llama;
 use crate::progress::{Progress, StepUpdate};
 use crate::sharding::DEFAULT_BUCKET_ELEMS;
 use crate::train::{Batches, Evaluation, Observer, SnapshotState, StepInfo, TrainConfig, Trainer};
@@ -95,19 +99,26 @@ pub fn train(
     if dataset.task == Task::CausalLm {
         return Err(Error::Config {
             field: "spec.dataset.task".into(),
-            message: "causal-lm jobs need a decoder backbone (GGUF/Llama), which `petl run` does not drive yet; use sequence-classification with a BERT-family model".into(),
+            message: "causal-lm jobs are not trained by `petl run` yet; use sequence-classification (a BERT-family directory or a Llama GGUF file)".into(),
         });
     }
     let device = crate::device::open(options.device)?;
-    let backbone = Bert::load(&sources.model_dir, model_dtype(spec), &device)?;
+    let backbone: Box<dyn Backbone> = match sources.backbone {
+        TextBackbone::Bert => Box::new(Bert::load(&sources.model_dir, model_dtype(spec), &device)?),
+        // Frozen weights re-quantised to Q8_0 (candle's fast CPU kernel; rows that do not fit
+        // a block keep theirs); trainable tensors are f32 whatever `spec.model.dtype` says.
+        TextBackbone::Llama => Box::new(
+            Llama::from_gguf(
+                &sources.weights_file,
+                FrozenFormat::Requantize(GgmlDType::Q8_0),
+                &device,
+            )?
+            .0,
+        ),
+    };
     let config = TrainConfig::from_spec(&spec.training);
     let method_config = spec.method.config();
-    let method = methods::build(
-        &method_config,
-        Box::new(backbone),
-        dataset.num_labels,
-        config.seed,
-    )?;
+    let method = methods::build(&method_config, backbone, dataset.num_labels, config.seed)?;
     let batch_size = usize::try_from(spec.training.batch_size).unwrap_or(0);
     let batches = RankBatches {
         batcher: Batcher::new(
