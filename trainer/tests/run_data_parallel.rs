@@ -78,20 +78,25 @@ fn a_rank_that_cannot_reach_its_peer_exits_75_naming_it() {
     std::fs::write(&job, parallel_job(LST, 2, 1, "{ everySteps: 1 }", "out")).unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
-    // Two ports that were free a moment ago: this rank listens on the first, nobody on the second.
-    let ports: Vec<u16> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
-    let absent = format!("127.0.0.1:{}", ports[1]);
+    // This rank listens on a port that was free a moment ago. Its peer's port stays bound here
+    // without listening, so dialling it is refused and no other process (another test's
+    // `petl run` picking free ports) is given it while this rank waits: a port merely free a
+    // moment ago once went to another job's rank, which this rank then refused by its secret.
+    let own = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    held.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let absent = held.local_addr().unwrap().as_socket().unwrap().to_string();
     let started = std::time::Instant::now();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_petl"))
         .args(["train", "--config"])
         .arg(&job)
         .args(["--rank", "0", "--world-size", "2", "--no-snapshots"])
-        .args(["--peers", &format!("127.0.0.1:{},{absent}", ports[0])])
+        .args(["--peers", &format!("127.0.0.1:{own},{absent}")])
         .arg("--secret-file")
         .arg(&secret)
         .args(["--connect-timeout", "2", "--log-format", "json", "--output"])
@@ -115,6 +120,7 @@ fn a_rank_that_cannot_reach_its_peer_exits_75_naming_it() {
         started.elapsed()
     );
     assert!(!dir.path().join("out/adapter_model.safetensors").exists());
+    drop(held);
 }
 
 /// The processes whose command line mentions `dir` (the job's trainers and agents name files in it).
