@@ -155,14 +155,28 @@ pub trait Backbone: Send {
 }
 
 /// Block `layer` of `blocks`, or an error naming the range.
-/// The first `blocks` of a backbone's blocks, or an error naming how many it has.
-pub(crate) fn first_blocks<L>(blocks: &[L], count: usize) -> Result<&[L]> {
-    blocks.get(..count).ok_or_else(|| {
+/// The frozen pass behind [`Backbone::taps_through`]: `embedded` (the embeddings' output) and
+/// the outputs of the first `count` of `blocks`, each run by `run` and detached.
+pub(crate) fn frozen_taps<L>(
+    blocks: &[L],
+    count: usize,
+    embedded: Tensor,
+    run: impl Fn(&L, &Tensor) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let blocks = blocks.get(..count).ok_or_else(|| {
         Error::Internal(format!(
             "taps through {count} blocks asked of a backbone with {}",
             blocks.len()
         ))
-    })
+    })?;
+    let mut h = embedded.detach();
+    let mut states = Vec::with_capacity(count + 1);
+    for block in blocks {
+        let next = run(block, &h)?.detach();
+        states.push(std::mem::replace(&mut h, next));
+    }
+    states.push(h);
+    Ok(states)
 }
 
 pub(crate) fn block<L>(blocks: &[L], layer: usize) -> Result<&L> {

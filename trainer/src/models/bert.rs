@@ -358,16 +358,9 @@ impl Bert {
         attention_mask: &Tensor,
         blocks: usize,
     ) -> Result<Vec<Tensor>> {
-        let layers = crate::models::backbone::first_blocks(&self.layers, blocks)?;
         let bias = self.attention_bias(attention_mask)?;
-        let mut h = self.embed(input_ids)?.detach();
-        let mut states = Vec::with_capacity(blocks + 1);
-        for layer in layers {
-            let next = layer.forward(&h, &bias)?.detach();
-            states.push(std::mem::replace(&mut h, next));
-        }
-        states.push(h);
-        Ok(states)
+        let h = self.embed(input_ids)?;
+        crate::models::backbone::frozen_taps(&self.layers, blocks, h, |l, h| l.forward(h, &bias))
     }
 
     /// Runs `range` of the layers on `h`, building a graph wherever something trains.

@@ -571,16 +571,9 @@ impl Vit {
 
     /// The embeddings' output and the outputs of the first `blocks` blocks, with no graph.
     pub fn forward_hidden_through(&self, pixels: &Tensor, blocks: usize) -> Result<Vec<Tensor>> {
-        let layers = crate::models::backbone::first_blocks(&self.layers, blocks)?;
-        let mut h = self.embed(pixels)?.detach();
+        let h = self.embed(pixels)?;
         let bias = self.attention_bias(h.dim(1)?)?;
-        let mut states = Vec::with_capacity(blocks + 1);
-        for layer in layers {
-            let next = layer.forward(&h, &bias)?.detach();
-            states.push(std::mem::replace(&mut h, next));
-        }
-        states.push(h);
-        Ok(states)
+        crate::models::backbone::frozen_taps(&self.layers, blocks, h, |l, h| l.forward(h, &bias))
     }
 
     /// Runs `range` of the blocks on `h`, building a graph wherever something trains.

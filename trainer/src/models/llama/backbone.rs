@@ -37,17 +37,12 @@ impl Backbone for Llama {
         attention_mask: &Tensor,
         blocks: usize,
     ) -> Result<Vec<Tensor>> {
-        let layers = crate::models::backbone::first_blocks(&self.layers, blocks)?;
         let ids = input_ids.to_dtype(DType::U32)?;
         let bias = self.bias(ids.dim(1)?, Some(attention_mask))?;
-        let mut h = self.embed(&ids)?.detach();
-        let mut states = Vec::with_capacity(blocks + 1);
-        for layer in layers {
-            let next = layer.forward(&h, &bias, &self.rope)?.detach();
-            states.push(std::mem::replace(&mut h, next));
-        }
-        states.push(h);
-        Ok(states)
+        let h = self.embed(&ids)?;
+        crate::models::backbone::frozen_taps(&self.layers, blocks, h, |l, h| {
+            l.forward(h, &bias, &self.rope)
+        })
     }
 
     fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
